@@ -1,0 +1,61 @@
+"""`mamfusion train`: features in the store + annotations -> a trained, evaluated, reported run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.config import ConfigError, load_preset, parse_overrides, preset_names
+from storage.annotations import AnnotationError
+from storage.feature_store import FeatureStoreError
+from tasks.data import DataError
+from tasks.metrics import format_metrics
+from tasks.train import train_run
+
+HELP = "train MamFusion on features in the store, evaluate the best epoch and write a report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help=f"recipe: {', '.join(preset_names())}")
+    parser.add_argument("--store", required=True, help="feature store path or URL")
+    parser.add_argument("--annotations", required=True, help="annotation file (with train/val[/test] splits)")
+    parser.add_argument(
+        "--val-annotations", help="validation captions when --annotations holds no 'val' split"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)"
+    )
+    parser.add_argument(
+        "--visual-fingerprint", help="visual extractor to use (needed if the store has several)"
+    )
+    parser.add_argument("--text-fingerprint", help="text extractor to use (needed if the store has several)")
+    parser.add_argument("--out", required=True, help="run directory (an existing one resumes)")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.pt and start over")
+    parser.add_argument("--json", action="store_true", help="print the test metrics as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_preset(args.preset, parse_overrides(args.set))
+        metrics = train_run(
+            cfg,
+            args.store,
+            args.annotations,
+            args.out,
+            val_annotations=args.val_annotations,
+            visual_fp=args.visual_fingerprint,
+            text_fp=args.text_fingerprint,
+            resume=not args.no_resume,
+            progress=sys.stderr.isatty(),
+        )
+    except (ConfigError, DataError, AnnotationError, FeatureStoreError, FileNotFoundError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{metrics['split']}: {format_metrics(metrics)}  (best epoch {metrics['best_epoch']})")
+        print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

@@ -1,0 +1,229 @@
+"""Trainer: resume after SIGKILL equals an uninterrupted run, early stop, dims checked first, it learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows.cli import main as cli_main
+from models.config import ConfigError, load_preset
+from models.mamfusion import MamFusion
+from storage.annotations import AnnotationSet, QueryRecord
+from storage.feature_store import FeatureStore
+from storage.synthetic import SyntheticConfig, SyntheticPRVR, make_synthetic_benchmark, write_to_store
+from tasks.data import DataError, load_split
+from tasks.evaluate import evaluate
+from tasks.train import (
+    CHECKPOINT,
+    _rng_state,
+    _set_rng_state,
+    amp_enabled,
+    resolve_device,
+    select_splits,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECALL_KEYS = ("r1", "r5", "r10", "r100", "sumr")
+TINY = {
+    "visual_dim": 64,
+    "query_dim": 48,
+    "hidden_size": 16,
+    "n_heads": 2,
+    "max_ctx_l": 48,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "num_workers": 0,
+}
+
+
+def write_jsonl_annotations(synth: SyntheticPRVR, path: Path) -> Path:
+    """Our own annotation format (video_id, start, end, caption, split, query_id), one query per line."""
+    with open(path, "w") as f:
+        for q in synth.queries:
+            row = {"video_id": q.video_id, "start": q.start, "end": q.end, "caption": q.text}
+            f.write(json.dumps(row | {"split": q.split, "query_id": q.query_id}) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine is shared: one intra-op thread avoids oversubscription (results do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A small synthetic benchmark in an on-disk store, plus its annotation file."""
+    root = tmp_path_factory.mktemp("synthetic")
+    synth = make_synthetic_benchmark(SyntheticConfig(n_videos=60, max_rows=32, seed=1))
+    store = FeatureStore(root / "store")
+    fps = write_to_store(synth, store)
+    return synth, store, fps, write_jsonl_annotations(synth, root / "annotations.jsonl")
+
+
+def _splits(bench, *names):
+    synth, store, fps, _ = bench
+    ann = synth.annotation_set()
+    return [load_split(store, ann, name, *fps) for name in names]
+
+
+def _cli_train(bench, out: Path, overrides: dict) -> subprocess.Popen:
+    _, store, _, annotations = bench
+    sets = [f"{k}={v}" for k, v in overrides.items()]
+    cmd = [sys.executable, "-m", "flows.cli", "train", "--preset", "demo", "--store", store.url]
+    cmd += ["--annotations", str(annotations), "--out", str(out), "--json"]
+    cmd += [arg for s in sets for arg in ("--set", s)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+def _history(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # drop wall times
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(bench, tmp_path, capsys):
+    overrides = TINY | {"n_epoch": 3, "hard_negative_start_epoch": 1, "num_workers": 1}
+    full = _finish(_cli_train(bench, tmp_path / "full", overrides))
+
+    killed = tmp_path / "killed"
+    proc = _cli_train(bench, killed, overrides)
+    deadline = time.monotonic() + 240
+    while not (killed / "history.jsonl").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(killed / CHECKPOINT, weights_only=True)["state"]
+    assert 1 <= state["epoch"] < 3, "the run must be killed part-way"
+
+    resumed = _cli_train(bench, killed, overrides)
+    metrics = _finish(resumed)
+    assert metrics == full
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(killed / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _history(killed) == _history(tmp_path / "full")
+    for name in ("config.json", "features.json", "report.md", "eval/per_query.jsonl", "plots/val_recall.png"):
+        assert (killed / name).is_file(), name
+    # `mamfusion evaluate --split test` on the finished run reproduces the test metrics the run reported
+    assert cli_main(["evaluate", "--model", str(killed), "--split", "test", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {k: again[k] for k in RECALL_KEYS} == pytest.approx({k: metrics[k] for k in RECALL_KEYS})
+
+
+def test_select_splits():
+    q = [
+        QueryRecord(f"v{i}#enc#0", f"v{i}", f"t{i}", None, None, s)
+        for i, s in enumerate(["train", "val", "test"])
+    ]
+    own = select_splits(AnnotationSet(q), None)
+    assert [x.queries for x in (own.train, own.val, own.test)] == [
+        [q[0]],
+        [q[1]],
+        [q[2]],
+    ] and own.test_name == "test"
+    plain = AnnotationSet([QueryRecord("a#enc#0", "a", "t", None, None, None)])
+    val_file = AnnotationSet([QueryRecord("b#enc#0", "b", "u", None, None, None)])
+    mssl = select_splits(plain, val_file)  # MS-SL: a train caption file and a val caption file
+    assert (mssl.train, mssl.val, mssl.test, mssl.test_name) == (plain, val_file, val_file, "val")
+    with pytest.raises(DataError, match=r"need \['train', 'val'\]; pass --val-annotations"):
+        select_splits(AnnotationSet(q[:1]), None)
+    with pytest.raises(DataError, match=r"have splits \['test', 'val'\], need \['train'\]"):
+        select_splits(AnnotationSet(q[1:]), val_file)  # no silent training on val/test queries
+
+
+def test_rng_state_roundtrip():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = _rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    _set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_dimension_mismatch_fails_before_training(bench, tmp_path):
+    train_data, val_data = _splits(bench, "train", "val")
+    cfg = load_preset("demo", TINY | {"visual_dim": 1280})
+    with pytest.raises(DataError, match=r"visual features .* are 64-d .* visual_dim=1280"):
+        train(cfg, train_data, val_data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+    proc = _cli_train(bench, tmp_path / "cli", TINY | {"query_dim": 384})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and out == ""
+    assert "text features" in err and "48-d" in err and "query_dim=384" in err
+    assert not (tmp_path / "cli" / "checkpoints").exists()
+
+
+def test_early_stopping_and_history(bench, tmp_path):
+    train_data, val_data = _splits(bench, "train", "val")
+    # A zero-ish learning rate cannot improve val SumR after epoch 1, so patience 1 stops after epoch 3.
+    cfg = load_preset("demo", TINY | {"lr": 1e-12, "n_epoch": 10, "max_es_cnt": 1})
+    result = train(cfg, train_data, val_data, tmp_path, progress=False)
+    assert (result.epochs_run, result.stopped_early, result.best_epoch) == (3, True, 1)
+    history = _history(tmp_path)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["best"] for h in history] == [True, False, False]
+    assert set(history[0]["train"]) >= {"total", "clip_nce", "clip_trip", "frame_nce", "frame_trip", "qdl"}
+    assert {"r1", "r5", "r10", "r100", "sumr"} <= set(history[0]["val"])
+    again = train(
+        cfg, train_data, val_data, tmp_path, progress=False
+    )  # resuming a finished run: nothing to do
+    assert (again.epochs_run, again.best_epoch) == (3, 1)
+
+
+@pytest.mark.slow
+def test_full_model_learns_far_above_untrained(tmp_path):
+    """Test SumR after a short CPU training vs the same architecture untrained (chance level)."""
+    synth = make_synthetic_benchmark(SyntheticConfig(n_videos=240, max_rows=48, seed=3))
+    store = FeatureStore(f"memory://{tmp_path.name}")
+    fps = write_to_store(synth, store)
+    ann = synth.annotation_set()
+    train_data, val_data, test_data = (load_split(store, ann, s, *fps) for s in ("train", "val", "test"))
+    cfg = load_preset("demo", TINY | {"hidden_size": 32, "n_epoch": 5, "batch_size": 32})
+    torch.manual_seed(0)
+    untrained = evaluate(MamFusion(cfg.model), test_data, details=False).metrics
+    result = train(cfg, train_data, val_data, tmp_path / "run", progress=False)
+    trained = evaluate(MamFusion.from_pretrained(tmp_path / "run"), test_data, details=False).metrics
+    n = len(test_data.video_ids)
+    chance_sumr = sum(100 * min(k, n) / n for k in (1, 5, 10, 100))
+    assert untrained["sumr"] < chance_sumr + 40, (untrained, chance_sumr)
+    assert trained["sumr"] > untrained["sumr"] + 100, (trained, untrained)
+    assert trained["r1"] > 5 * 100 / n, trained
+    assert result.best_sumr > 0
+
+
+def test_device_and_amp_choice():
+    cpu = load_preset("demo", {"device": "cpu"}).train
+    assert resolve_device(cpu) == torch.device("cpu") and not amp_enabled(cpu, torch.device("cpu"))
+    assert amp_enabled(load_preset("demo").train, torch.device("cuda"))  # bf16 autocast by default on CUDA
+    assert not amp_enabled(load_preset("demo", {"amp": "off"}).train, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="amp=on needs CUDA"):
+        amp_enabled(load_preset("demo", {"amp": "on"}).train, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert resolve_device(load_preset("demo").train) == torch.device("cpu")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device(load_preset("demo", {"device": "cuda"}).train)
