@@ -1,0 +1,59 @@
+"""`mamfusion search`: ranked videos and the matching moment for text queries, from a model's search index."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from storage.feature_store import FeatureStoreError
+from storage.index import SearchIndexError
+from tasks.search import ApproxConfig, Hit, QueryError, Searcher, default_index_url
+
+HELP = "search the index of a trained model with text queries (video, score and matching moment)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", nargs="+", help="query text (several queries are scored together)")
+    parser.add_argument("--model", required=True, help="run directory the index was built with")
+    parser.add_argument("--index", help="index path or URL (default: <model>/index.zarr)")
+    parser.add_argument("--store", help="feature store holding the text extractor (default: features.json's)")
+    parser.add_argument("--top-k", type=int, default=10, help="videos per query (default 10)")
+    parser.add_argument(
+        "--approximate", action="store_true", help="faiss first stage + exact re-scoring (very large indexes)"
+    )
+    parser.add_argument("--json", action="store_true", help="print all results as one JSON object")
+
+
+def format_hits(query: str, hits: list[Hit]) -> str:
+    """A fixed-width table per query for the terminal."""
+    lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'moment (s)':>15}  video id / path"]
+    for h in hits:
+        moment = f"{h.start:.1f}-{h.end:.1f}"
+        lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {moment:>15}  {h.video_id}  {h.path}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    index_url = args.index or default_index_url(args.model)
+    try:
+        searcher = Searcher.from_model_dir(
+            args.model,
+            index_url,
+            store_url=args.store,
+            approximate=ApproxConfig() if args.approximate else None,
+        )
+        results = searcher.search(args.query, top_k=args.top_k)
+    except (SearchIndexError, QueryError, FeatureStoreError, FileNotFoundError, ValueError) as e:
+        print(f"search: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = [
+            {"query": q, "hits": [dataclasses.asdict(h) for h in hits]}
+            for q, hits in zip(args.query, results, strict=True)
+        ]
+        print(json.dumps({"model": args.model, "index": index_url, "results": out}))
+        return 0
+    print("\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results, strict=True)))
+    return 0

@@ -1,0 +1,473 @@
+"""Zarr feature store: video and query features keyed by content, safe for crashes and parallel writers.
+
+Video features are keyed by (video sha256, extractor fingerprint), so the same video through the same
+extractor is never computed twice, whatever its file name; query token features are keyed by
+`text_key(text)`. The crash and concurrency machinery lives in `storage._zarr_entries` (staged writes
+published by a commit marker, gc) and `storage._zarr_packs` (packs for fast bulk reads); this module
+validates input and keeps the registry of extractors and the video-id index.
+
+Store layout besides entries and packs (see those modules):
+
+    zarr.json                         root group, attrs {"mamfusion_feature_store": {"layout": 1}}
+    extractors/<fp>/zarr.json         {"kind": "visual"|"text", "dim": D, "config": {...}} (write-once)
+    names/<fp>/<sha256(video_id)>/    group attrs {"video_id", "sha256"}: one object per name, last wins
+    videos/<fp>/<sha>/...             features (T, D) float32, times (T, 2) float64 seconds
+    queries/<fp>/<text_key>/...       features (N_tokens, D) float32
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from storage import _zarr_entries as entries
+from storage import _zarr_packs as packs
+from storage._zarr_entries import ArraySpec, Entry, FeatureStoreError
+from storage._zarr_packs import GcReport, Pack
+
+__all__ = [
+    "FeatureDimensionError",
+    "FeatureStore",
+    "FeatureStoreError",
+    "GcReport",
+    "MissingFeatureError",
+    "PackInfo",
+    "VideoFeatures",
+    "text_key",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LAYOUT_VERSION = 1
+_ROOT_ATTR = "mamfusion_feature_store"
+VIDEOS, QUERIES = "videos", "queries"
+_NAMESPACE = {"visual": VIDEOS, "text": QUERIES}
+_RESERVED_ATTRS = frozenset({"sha256", "fingerprint", "video_id", "written_at"})
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+_TIMES = ArraySpec("times", (2,), "float64", ("row", "bound"))
+PACK_RETENTION_S = 3600.0  # `pack` deletes packs replaced longer ago than this (readers are long done)
+AUTO_PACK_MIN = 256  # loose entries in one bulk read that make it pack first (see FeatureStore.__init__)
+
+
+class MissingFeatureError(FeatureStoreError, KeyError):
+    """No complete entry for a key (or no registered extractor for a fingerprint)."""
+
+    def __init__(self, message: str, *, fingerprint: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
+        self.keys = list(keys)
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class FeatureDimensionError(FeatureStoreError, ValueError):
+    """Features whose width differs from the dimension registered for their extractor."""
+
+    def __init__(self, fingerprint: str, expected: int, actual: int, what: str) -> None:
+        super().__init__(
+            f"{what}: features have dim {actual} but extractor {fingerprint!r} is registered with dim "
+            f"{expected}"
+        )
+        self.fingerprint, self.expected, self.actual = fingerprint, expected, actual
+
+
+@dataclass
+class VideoFeatures:
+    """One video's feature rows, the start/end seconds of each row, and provenance attributes."""
+
+    features: np.ndarray  # (T, D) float32
+    times: np.ndarray  # (T, 2) float64 seconds
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """What `FeatureStore.pack` left current: how many entries and rows bulk reads get in one layout."""
+
+    fingerprint: str
+    entries: int
+    rows: int
+
+
+def text_key(text: str) -> str:
+    """sha256 of the UTF-8 text: query features are keyed by content, so equal captions share one entry."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _name_key(video_id: str) -> str:
+    return hashlib.sha256(video_id.encode("utf-8")).hexdigest()
+
+
+def _check_segment(value: str, what: str) -> str:
+    """Keys become store path segments: refuse anything that could escape or collide with Zarr metadata."""
+    if not isinstance(value, str) or not _SEGMENT.match(value) or value == "zarr.json":
+        raise FeatureStoreError(
+            f"invalid {what} {value!r}: use 1-200 characters from A-Z a-z 0-9 . _ - (not starting with '.')"
+        )
+    return value
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    """A deep copy through strict JSON, so what is stored is exactly what later reads return."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise FeatureStoreError(f"{what} must be JSON-serialisable without NaN/inf: {exc}") from exc
+
+
+def _as_features(values: Any, *, fingerprint: str, dim: int, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        raise FeatureStoreError(f"{what}: features must be 2-D (rows, dim), got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise FeatureStoreError(f"{what}: features must be real numbers, got dtype {arr.dtype}")
+    if arr.shape[1] != dim:
+        raise FeatureDimensionError(fingerprint, dim, arr.shape[1], what)
+    if arr.shape[0] == 0:
+        raise FeatureStoreError(f"{what}: features have no rows")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = np.argwhere(~np.isfinite(out))
+    if len(bad):
+        r, c = bad[0]
+        raise FeatureStoreError(
+            f"{what}: feature row {r} column {c} is {arr[r, c].item()!r} (not finite as float32)"
+        )
+    return out
+
+
+def _as_times(values: Any, n_rows: int, what: str) -> np.ndarray:
+    times = np.asarray(values, dtype=np.float64)
+    if times.shape != (n_rows, 2):
+        raise FeatureStoreError(
+            f"{what}: times must have shape ({n_rows}, 2) (start, end seconds), got {times.shape}"
+        )
+    bad = np.flatnonzero(~np.isfinite(times).all(axis=1) | (times[:, 1] < times[:, 0]))
+    if len(bad):
+        raise FeatureStoreError(
+            f"{what}: times row {bad[0]} = {times[bad[0]].tolist()} is not finite with end >= start"
+        )
+    return times
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Store, str]:
+    """A LocalStore for paths and file:// URLs, an FsspecStore for every other URL (memory://, s3://, ...)."""
+    text = os.fspath(url)
+    if "://" in text and not text.startswith("file://"):
+        try:
+            return FsspecStore.from_url(text, storage_options=storage_options or {}, read_only=False), text
+        except (ImportError, ValueError) as exc:  # e.g. s3:// without s3fs: pip install 'mamfusion[s3]'
+            raise FeatureStoreError(f"cannot open feature store {text!r}: {exc}") from exc
+    if storage_options:
+        raise FeatureStoreError(f"storage_options apply to fsspec URLs, not the local path {text!r}")
+    path = Path(text.removeprefix("file://")).expanduser().resolve()
+    return LocalStore(path), str(path)
+
+
+def _missing(fingerprint: str, keys: list[str], what: str) -> MissingFeatureError:
+    shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+    return MissingFeatureError(
+        f"no complete {what} under fingerprint {fingerprint!r} for: {shown}",
+        fingerprint=fingerprint,
+        keys=keys,
+    )
+
+
+class FeatureStore:
+    """Feature arrays in one Zarr v3 store (local path or fsspec URL); safe to share between processes."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        *,
+        auto_pack: bool = True,
+    ) -> None:
+        """`auto_pack`: a bulk read that would read at least AUTO_PACK_MIN entries one by one (over half of
+        what it asks for) first packs the fingerprint, so training is fast even if no step ran `pack`."""
+        self._store, self.url = _open_store(url, storage_options)
+        self.storage_options = dict(storage_options or {})
+        self.auto_pack = auto_pack
+        self._extractors: dict[str, dict[str, Any]] = {}
+        self._packs: dict[str, Pack] = {}
+        self._run(self._open_root())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as (url, storage_options, auto_pack): Dask/Prefect workers reopen the same store."""
+        return _reopen, (self.url, self.storage_options, self.auto_pack)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.url!r})"
+
+    @staticmethod
+    def _run(coro: Coroutine[Any, Any, T]) -> T:
+        return sync(coro)
+
+    async def _open_root(self) -> None:
+        attrs = await entries.get_attrs(self._store, "")
+        if attrs is None:
+            await entries.put_group(self._store, "", {_ROOT_ATTR: {"layout": LAYOUT_VERSION}}, exclusive=True)
+            attrs = await entries.get_attrs(self._store, "") or {}
+        info = attrs.get(_ROOT_ATTR)
+        if not isinstance(info, dict):
+            raise FeatureStoreError(f"{self.url} is a Zarr group but not a MamFusion feature store")
+        if info.get("layout") != LAYOUT_VERSION:
+            raise FeatureStoreError(
+                f"{self.url} has feature-store layout {info.get('layout')!r}; this code reads layout "
+                f"{LAYOUT_VERSION}"
+            )
+
+    # --- extractor registry ---------------------------------------------------------------------------------
+    def register_extractor(
+        self, fingerprint: str, *, kind: Literal["visual", "text"], dim: int, config: dict[str, Any]
+    ) -> None:
+        """Record what a fingerprint means (idempotent); a different kind/dim/config for it is an error."""
+        _check_segment(fingerprint, "extractor fingerprint")
+        if kind not in _NAMESPACE:
+            raise FeatureStoreError(
+                f"extractor {fingerprint!r}: kind must be 'visual' or 'text', got {kind!r}"
+            )
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim <= 0:
+            raise FeatureStoreError(f"extractor {fingerprint!r}: dim must be a positive integer, got {dim!r}")
+        if not isinstance(config, dict):
+            raise FeatureStoreError(
+                f"extractor {fingerprint!r}: config must be a dict, got {type(config).__name__}"
+            )
+        info = {
+            "kind": kind,
+            "dim": int(dim),
+            "config": _jsonable(config, f"extractor {fingerprint!r} config"),
+        }
+        path = f"extractors/{fingerprint}"
+        self._run(entries.put_group(self._store, path, info, exclusive=True))
+        stored = self._run(entries.get_attrs(self._store, path))
+        if stored != info:
+            differ = sorted(k for k in info if (stored or {}).get(k) != info[k])
+            raise FeatureStoreError(
+                f"extractor {fingerprint!r} is already registered with a different {', '.join(differ)}: "
+                f"stored {stored!r}, given {info!r}"
+            )
+        self._extractors[fingerprint] = info
+
+    def extractor_info(self, fingerprint: str) -> dict[str, Any]:
+        """{"kind", "dim", "config"} of a registered fingerprint (a copy: the config rebuilds encoders)."""
+        if fingerprint not in self._extractors:
+            _check_segment(fingerprint, "extractor fingerprint")
+            info = self._run(entries.get_attrs(self._store, f"extractors/{fingerprint}"))
+            if info is None:
+                raise MissingFeatureError(
+                    f"extractor fingerprint {fingerprint!r} is not registered in {self.url}",
+                    fingerprint=fingerprint,
+                )
+            self._extractors[fingerprint] = info
+        return copy.deepcopy(self._extractors[fingerprint])
+
+    def extractors(self) -> dict[str, dict[str, Any]]:
+        names = [n for n in self._run(entries.list_children(self._store, "extractors")) if n != "zarr.json"]
+        return {name: self.extractor_info(name) for name in sorted(names)}
+
+    def _info(self, fingerprint: str, kind: str) -> dict[str, Any]:
+        info = self.extractor_info(fingerprint)
+        if info["kind"] != kind:
+            raise FeatureStoreError(f"fingerprint {fingerprint!r} is a {info['kind']} extractor, not {kind}")
+        return info
+
+    def _feature_spec(self, fingerprint: str, kind: str) -> ArraySpec:
+        return ArraySpec("features", (self._info(fingerprint, kind)["dim"],), "float32", ("row", "dim"))
+
+    # --- videos ---------------------------------------------------------------------------------------------
+    def has_video(self, sha256: str, fingerprint: str) -> bool:
+        """True only for a complete (committed) entry."""
+        _check_segment(fingerprint, "extractor fingerprint")
+        key = _check_segment(sha256, "video sha256")
+        return self._run(entries.read_marker(self._store, VIDEOS, fingerprint, key)) is not None
+
+    def write_video(
+        self,
+        sha256: str,
+        fingerprint: str,
+        features: Any,
+        times: Any,
+        *,
+        video_id: str | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """Store one video's rows; readers see it only once complete, and a rewrite replaces it whole."""
+        key = _check_segment(sha256, "video sha256")
+        what = f"video {sha256} ({fingerprint})"
+        spec = self._feature_spec(fingerprint, "visual")
+        feats = _as_features(features, fingerprint=fingerprint, dim=spec.trailing[0], what=what)
+        times_arr = _as_times(times, len(feats), what)
+        if video_id is not None and (not isinstance(video_id, str) or not video_id):
+            raise FeatureStoreError(f"{what}: video_id must be a non-empty string, got {video_id!r}")
+        user = _jsonable(attrs or {}, f"{what} attrs")
+        if not isinstance(user, dict) or _RESERVED_ATTRS & user.keys():
+            raise FeatureStoreError(
+                f"{what}: attrs must be a dict without the reserved keys {sorted(_RESERVED_ATTRS)}"
+            )
+        meta = {"n_rows": len(feats), "video_id": video_id, "written_at": _now(), "attrs": user}
+        self._run(
+            self._write_video(
+                fingerprint, key, {"features": (feats, spec), "times": (times_arr, _TIMES)}, meta
+            )
+        )
+
+    async def _write_video(
+        self, fp: str, key: str, arrays: dict[str, tuple[np.ndarray, ArraySpec]], meta: dict
+    ) -> None:
+        stage = await entries.stage_entry(self._store, VIDEOS, fp, key, arrays)
+        if meta["video_id"] is not None:  # before the commit: a crash in between must not lose the name
+            record = {"video_id": meta["video_id"], "sha256": key}
+            await entries.put_group(self._store, f"names/{fp}/{_name_key(meta['video_id'])}", record)
+        await entries.commit_entry(self._store, VIDEOS, fp, key, stage, meta)
+
+    def read_video(self, sha256: str, fingerprint: str) -> VideoFeatures:
+        return self.read_videos(fingerprint, [sha256])[0]
+
+    def read_videos(self, fingerprint: str, sha256s: Sequence[str]) -> list[VideoFeatures]:
+        """Bulk read in order: packed rows in a few large reads, the rest one by one, concurrently."""
+        keys = [_check_segment(s, "video sha256") for s in sha256s]
+        self._info(fingerprint, "visual")
+        found = self._bulk_read(VIDEOS, fingerprint, keys, ["features", "times"])
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if missing:
+            raise _missing(fingerprint, missing, "video features")
+        return [self._video(fingerprint, found[k]) for k in keys]
+
+    @staticmethod
+    def _video(fingerprint: str, entry: Entry) -> VideoFeatures:
+        meta = entry.meta
+        attrs = {
+            **meta.get("attrs", {}),
+            "sha256": entry.key,
+            "fingerprint": fingerprint,
+            "video_id": meta.get("video_id"),
+            "written_at": meta.get("written_at"),
+        }
+        return VideoFeatures(entry.arrays["features"], entry.arrays["times"], attrs)
+
+    def resolve_video_ids(self, fingerprint: str, video_ids: Sequence[str]) -> dict[str, str]:
+        """video_id -> sha256 for the ids whose latest named write is complete under `fingerprint`."""
+        _check_segment(fingerprint, "extractor fingerprint")
+        return self._run(self._resolve(fingerprint, list(dict.fromkeys(video_ids))))
+
+    async def _resolve(self, fp: str, video_ids: list[str]) -> dict[str, str]:
+        records = await entries.gather_limited(
+            entries.get_attrs(self._store, f"names/{fp}/{_name_key(v)}") for v in video_ids
+        )
+        named = {
+            v: r["sha256"] for v, r in zip(video_ids, records, strict=True) if r and r.get("video_id") == v
+        }
+        pack = await packs.load_pack(self._store, VIDEOS, fp, self._packs)
+        packed = pack.position if pack else {}
+        loose = sorted({s for s in named.values() if s not in packed})
+        markers = await entries.gather_limited(entries.read_marker(self._store, VIDEOS, fp, s) for s in loose)
+        complete = set(packed) | {s for s, m in zip(loose, markers, strict=True) if m is not None}
+        return {v: s for v, s in named.items() if s in complete}
+
+    # --- queries --------------------------------------------------------------------------------------------
+    def has_queries(self, fingerprint: str, texts: Sequence[str]) -> list[bool]:
+        _check_segment(fingerprint, "extractor fingerprint")
+        markers = self._run(
+            entries.gather_limited(
+                entries.read_marker(self._store, QUERIES, fingerprint, text_key(t)) for t in texts
+            )
+        )
+        return [m is not None for m in markers]
+
+    def write_queries(self, fingerprint: str, texts: Sequence[str], features: Sequence[Any]) -> None:
+        """Store token features per text; a text given twice must come with equal features."""
+        spec = self._feature_spec(fingerprint, "text")
+        if len(texts) != len(features):
+            raise FeatureStoreError(f"write_queries: {len(texts)} texts but {len(features)} feature arrays")
+        todo: dict[str, tuple[str, np.ndarray]] = {}
+        for i, (text, values) in enumerate(zip(texts, features, strict=True)):
+            if not isinstance(text, str):
+                raise FeatureStoreError(f"query {i}: text must be a string, got {type(text).__name__}")
+            what = f"query {i} {text[:60]!r} ({fingerprint})"
+            feats = _as_features(values, fingerprint=fingerprint, dim=spec.trailing[0], what=what)
+            key = text_key(text)
+            if key in todo and not np.array_equal(todo[key][1], feats):
+                raise FeatureStoreError(f"{what}: the same text was given twice with different features")
+            todo[key] = (text, feats)
+        self._run(
+            entries.gather_limited(
+                self._write_query(fingerprint, key, text, f, spec) for key, (text, f) in todo.items()
+            )
+        )
+
+    async def _write_query(self, fp: str, key: str, text: str, feats: np.ndarray, spec: ArraySpec) -> None:
+        stage = await entries.stage_entry(self._store, QUERIES, fp, key, {"features": (feats, spec)})
+        meta = {"n_rows": len(feats), "text": text, "written_at": _now()}
+        await entries.commit_entry(self._store, QUERIES, fp, key, stage, meta)
+
+    def read_queries(self, fingerprint: str, texts: Sequence[str]) -> list[np.ndarray]:
+        """(N_tokens, D) float32 per text, in order; every missing text is named in one error."""
+        self._info(fingerprint, "text")
+        keys = [text_key(t) for t in texts]
+        found = self._bulk_read(QUERIES, fingerprint, keys, ["features"])
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True) if k not in found))
+        if missing:
+            raise _missing(fingerprint, [repr(t[:80]) for t in missing], "query features")
+        return [found[k].arrays["features"] for k in keys]
+
+    def _bulk_read(self, ns: str, fp: str, keys: list[str], names: list[str]) -> dict[str, Entry]:
+        if self.auto_pack and len(keys) >= AUTO_PACK_MIN:
+            _, _, loose = self._run(packs.split_packed(self._store, ns, fp, keys, self._packs))
+            if len(loose) >= AUTO_PACK_MIN and 2 * len(loose) > len(set(keys)):
+                try:
+                    self.pack(fp)
+                except (FeatureStoreError, OSError) as exc:  # e.g. read-only credentials: read one by one
+                    log.warning(
+                        "could not pack %s before a bulk read (%s); reading entries one by one", fp, exc
+                    )
+        return self._run(packs.read_many(self._store, ns, fp, keys, names, self._packs))
+
+    # --- maintenance ----------------------------------------------------------------------------------------
+    def pack(self, fingerprint: str) -> PackInfo:
+        """Concatenate every committed entry of `fingerprint` so bulk reads become a few large reads.
+
+        Run it once after extraction (one writer is enough; concurrent packs are safe, the last wins).
+        Entries written later are still read, one by one, until the next pack. Packs replaced more than
+        PACK_RETENTION_S ago are deleted here, so repeated packing does not pile up copies.
+        """
+        kind = self.extractor_info(fingerprint)["kind"]
+        specs = [self._feature_spec(fingerprint, kind)] + ([_TIMES] if kind == "visual" else [])
+        pack = self._run(packs.build_pack(self._store, _NAMESPACE[kind], fingerprint, specs, self._packs))
+        self._run(packs.gc_packs(self._store, _NAMESPACE[kind], fingerprint, PACK_RETENTION_S))
+        if pack is None:
+            return PackInfo(fingerprint, 0, 0)
+        log.info("packed %d entries (%d rows) of %s", len(pack.keys), int(pack.offsets[-1]), fingerprint)
+        return PackInfo(fingerprint, len(pack.keys), int(pack.offsets[-1]))
+
+    def gc(self, min_age_s: float = 3600.0) -> GcReport:
+        """Delete write attempts and packs that nothing references and that are older than `min_age_s`.
+
+        Killed or superseded writers leave such orphans; readers never see them. The age limit keeps
+        writes still in flight safe, so use 0 only when no writer is running.
+        """
+        return self._run(packs.collect_garbage(self._store, [VIDEOS, QUERIES], min_age_s))
+
+
+def _reopen(url: str, storage_options: dict[str, Any], auto_pack: bool) -> FeatureStore:
+    return FeatureStore(url, storage_options, auto_pack=auto_pack)

@@ -1,0 +1,515 @@
+"""Build the search index of a published model, and answer text queries against it.
+
+`build_index` encodes each gallery video once (MODEL_SPEC §11: video vectors do not depend on the query)
+into the Zarr index of `storage.index`, and on later runs encodes only videos it has not seen. `Searcher`
+loads the model, its text backbone and the index once, then scores query batches by chunked matrix products
+over the index (score = clip_scale_w * max-clip cosine + frame_scale_w * video cosine, as `MamFusion.score`)
+with a running top-k, so memory stays bounded whatever the gallery size; an index larger than
+`max_memory_bytes` is streamed from its store instead of loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.mamfusion import MamFusion
+from models.preprocess import clip_spans, collate_queries, collate_videos
+from models.text_backbones import TextEncoder
+from storage.catalog import Catalog
+from storage.feature_store import FeatureStore
+from storage.index import (
+    DEFAULT_CHUNK_ROWS,
+    Dtype,
+    IndexNotFoundError,
+    VideoIndex,
+    model_fingerprint,
+    read_features_json,
+)
+from tasks.profiles import text_encoder_from_info
+
+log = logging.getLogger(__name__)
+
+INDEX_DIRNAME = "index.zarr"
+MAX_QUERY_CHARS = 1000  # a guard, not a model limit: tokens past max_desc_l are dropped as in training
+SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays in cache for its product
+
+
+class QueryError(ValueError):
+    """A query the searcher refuses (empty or too long); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked video and the moment (best clip's span, seconds) that matched the query."""
+
+    rank: int
+    video_id: str
+    path: str
+    score: float
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Per query, the best rows of a scan in descending score order."""
+
+    scores: Tensor  # (B, k) float32
+    rows: Tensor  # (B, k) int64 index rows
+    clips: Tensor  # (B, k) int64 best clip of each hit
+
+
+def default_index_url(model_dir: str | os.PathLike[str]) -> str:
+    """Where `mamfusion index` writes and `mamfusion search` looks when no URL is given."""
+    return str(Path(model_dir) / INDEX_DIRNAME)
+
+
+# ---------------------------------------------------------------------------------------------- scanning
+def _score_block(
+    queries: Tensor, block: Tensor, weights: tuple[float, float], buf: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(B, d) against (m, n_clips + 1, d) -> scores (B, m) and best clip (B, m).
+
+    Stored fp16 rows are converted into the fp32 buffer `buf` sub-block by sub-block, so the index is read
+    from memory once at its stored size and the product runs on exact fp32 copies of the stored values.
+    """
+    m, rows, d = block.shape
+    flat = block.reshape(m * rows, d)
+    if flat.dtype != torch.float32:
+        flat = buf[: m * rows].copy_(flat)
+    sims = torch.mm(queries, flat.T).view(-1, m, rows)
+    clip, best = sims[..., :-1].max(dim=-1)
+    return weights[0] * clip + weights[1] * sims[..., -1], best
+
+
+def scan_topk(
+    queries: Tensor,
+    blocks: Iterable[tuple[int, Tensor]],
+    alive: Tensor,
+    top_k: int,
+    weights: tuple[float, float],
+) -> TopK:
+    """Exact top-k of every query over all alive rows, block by block, merging a running top-k.
+
+    `queries` are L2-normalised (B, d) fp32; `blocks` yields `(first_row, (m, n_clips + 1, d))`; `weights` are
+    (clip_scale_w, frame_scale_w). Memory: one block plus (B, block rows) scores, whatever the gallery size.
+    """
+    n_queries = queries.shape[0]
+    k = min(top_k, int(alive.sum()))
+    best = TopK(
+        torch.empty(n_queries, 0),
+        torch.empty(n_queries, 0, dtype=torch.long),
+        torch.empty(n_queries, 0, dtype=torch.long),
+    )
+    buf = torch.empty(0)
+    for start, block in blocks:
+        m = block.shape[0]
+        if buf.shape[0] < SUB_BLOCK_VIDEOS * block.shape[1]:
+            buf = torch.empty(SUB_BLOCK_VIDEOS * block.shape[1], block.shape[2])
+        scores = torch.empty(n_queries, m)
+        clips = torch.empty(n_queries, m, dtype=torch.long)
+        for s in range(0, m, SUB_BLOCK_VIDEOS):
+            e = min(s + SUB_BLOCK_VIDEOS, m)
+            scores[:, s:e], clips[:, s:e] = _score_block(queries, block[s:e], weights, buf)
+        scores[:, ~alive[start : start + m]] = float("-inf")
+        merged = torch.cat([best.scores, scores], dim=1)
+        top, pos = merged.topk(min(k, merged.shape[1]), dim=1)
+        rows = torch.cat([best.rows, torch.arange(start, start + m).expand(n_queries, m)], dim=1)
+        best = TopK(top, rows.gather(1, pos), torch.cat([best.clips, clips], dim=1).gather(1, pos))
+    return best
+
+
+class IndexScanner:
+    """One index ready to scan: vectors in RAM if they fit in `max_memory_bytes`, else streamed from Zarr."""
+
+    def __init__(self, index: VideoIndex, *, max_memory_bytes: int | None = None) -> None:
+        self.index = index
+        rows = index.rows()
+        self.video_ids = rows.video_ids
+        self.paths = rows.paths
+        self.alive = torch.from_numpy(rows.alive)
+        self.spans = index.read_spans()
+        budget = psutil.virtual_memory().available // 2 if max_memory_bytes is None else max_memory_bytes
+        self.vectors = torch.from_numpy(index.load_vectors()) if index.nbytes <= budget else None
+        if self.vectors is None:
+            log.info(
+                "index %s (%.1f GB) exceeds the memory budget; streaming it per search",
+                index.url,
+                index.nbytes / 1e9,
+            )
+
+    def blocks(self) -> Iterator[tuple[int, Tensor]]:
+        """The whole index as `(first_row, rows)` blocks of one store chunk each."""
+        if self.vectors is not None:
+            step = self.index.chunk_rows
+            for start in range(0, len(self.vectors), step):
+                yield start, self.vectors[start : start + step]
+            return
+        for start, block in self.index.iter_vectors():
+            # the chunk is a view of the store's read-only bytes; the scan never writes to it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                yield start, torch.from_numpy(block)
+
+    def topk(self, queries: Tensor, top_k: int, weights: tuple[float, float]) -> TopK:
+        return scan_topk(queries, self.blocks(), self.alive, top_k, weights)
+
+    def gather(self, rows: np.ndarray) -> Tensor:
+        """(len(rows), n_clips + 1, d) vectors of ascending rows, from RAM or the store."""
+        if self.vectors is not None:
+            return self.vectors[torch.from_numpy(rows)]
+        return torch.from_numpy(self.index.read_rows(rows))
+
+    def hits(self, top: TopK) -> list[list[Hit]]:
+        """Turn scan rows into ids, paths and moments; -inf entries (fewer candidates than k) are dropped."""
+        out = []
+        for scores, rows, clips in zip(
+            top.scores.tolist(), top.rows.tolist(), top.clips.tolist(), strict=True
+        ):
+            out.append(
+                [
+                    Hit(
+                        r + 1,
+                        str(self.video_ids[row]),
+                        str(self.paths[row]),
+                        score,
+                        *map(float, self.spans[row, clip]),
+                    )
+                    for r, (score, row, clip) in enumerate(zip(scores, rows, clips, strict=True))
+                    if score != float("-inf")
+                ]
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class ApproxConfig:
+    """Settings of the optional approximate first stage (a faiss IVF index, inner product)."""
+
+    # 256 coarse cells, 48 sub-quantizers of 4 bits: 24 bytes per vector. 8-bit PQ codes train ~15x slower.
+    factory: str = "IVF256,PQ48x4"
+    nprobe: int = 16  # cells visited per query
+    candidates: int = 256  # nearest stored vectors per query; their videos are re-scored exactly
+    train_vectors: int = 65536
+
+
+class ApproximateSearch:
+    """First stage for very large galleries: a faiss IVF index over every clip and pooled vector.
+
+    A query's nearest stored vectors name candidate videos and only those are scored exactly (same score and
+    moment as the full scan), so a query touches `nprobe / nlist` of compact codes plus a few hundred
+    rows instead of the whole index. It can miss videos the exact scan finds: the benchmark reports recall@10.
+    """
+
+    def __init__(self, scanner: IndexScanner, config: ApproxConfig | None = None) -> None:
+        try:
+            import faiss  # optional extra `mamfusion[search]`
+        except ImportError as e:
+            raise ImportError("the approximate stage needs faiss-cpu: pip install 'mamfusion[search]'") from e
+        self.scanner = scanner
+        self.config = config or ApproxConfig()
+        cfg, index = self.config, scanner.index
+        self.ann = faiss.index_factory(index.dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        per_video = index.n_clips + 1
+        n_train = -(-cfg.train_vectors // per_video)
+        picks = np.unique(np.linspace(0, index.count - 1, n_train).astype(np.int64))
+        try:
+            self.ann.train(scanner.gather(picks).reshape(-1, index.dim).float().numpy())
+        except RuntimeError as e:  # e.g. fewer vectors than IVF cells: a small index needs no first stage
+            raise ValueError(
+                f"the approximate stage {cfg.factory!r} cannot be trained on {index.count} videos "
+                f"({str(e).splitlines()[0]}); search exactly instead"
+            ) from e
+        for start, block in scanner.blocks():
+            flat = block.reshape(-1, index.dim).float().numpy()
+            self.ann.add_with_ids(flat, np.repeat(np.arange(start, start + len(block)), per_video))
+        faiss.ParameterSpace().set_index_parameter(self.ann, "nprobe", cfg.nprobe)
+
+    def topk(self, queries: Tensor, top_k: int, weights: tuple[float, float]) -> TopK:
+        """Candidates from the ANN index, then the exact score of each; short lists are padded with -inf."""
+        _, ids = self.ann.search(queries.numpy(), self.config.candidates)
+        alive = self.scanner.alive.numpy()
+        shape = (len(queries), top_k)
+        out = TopK(
+            torch.full(shape, float("-inf")),
+            torch.zeros(shape, dtype=torch.long),
+            torch.zeros(shape, dtype=torch.long),
+        )
+        for i, cand in enumerate(ids):
+            rows = np.unique(cand[cand >= 0])
+            rows = rows[alive[rows]]
+            if not len(rows):
+                continue
+            block = self.scanner.gather(rows).float()
+            scores, clips = _score_block(queries[i : i + 1], block, weights, torch.empty(0))
+            top, pos = scores[0].topk(min(top_k, len(rows)))
+            out.scores[i, : len(top)] = top
+            out.rows[i, : len(top)] = torch.from_numpy(rows)[pos]
+            out.clips[i, : len(top)] = clips[0, pos]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- searching
+class Searcher:
+    """Model + text backbone + index, loaded once; `search` answers batches of queries together."""
+
+    def __init__(
+        self,
+        model: MamFusion,
+        text_encoder: TextEncoder,
+        scanner: IndexScanner,
+        *,
+        approximate: ApproximateSearch | None = None,
+        max_query_chars: int = MAX_QUERY_CHARS,
+        query_batch: int = 256,
+    ) -> None:
+        self.model = model.eval()
+        self.text_encoder = text_encoder
+        self.scanner = scanner
+        self.ranker: IndexScanner | ApproximateSearch = approximate or scanner
+        self.max_query_chars = max_query_chars
+        self.query_batch = query_batch
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | os.PathLike[str],
+        index_url: str | None = None,
+        *,
+        store_url: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        max_memory_bytes: int | None = None,
+        approximate: ApproxConfig | None = None,
+    ) -> Searcher:
+        """Check the index belongs to this model (by fingerprint of its files), then load everything."""
+        fingerprint = model_fingerprint(model_dir)
+        index = VideoIndex.open(index_url or default_index_url(model_dir), storage_options=storage_options)
+        index.check_model(fingerprint)
+        if not index.complete:
+            log.warning(
+                "index %s is incomplete (a build is running or was interrupted); results may miss videos",
+                index.url,
+            )
+        features = read_features_json(model_dir)
+        store = FeatureStore(store_url or features["store"], storage_options)
+        text_fp = features["text_fingerprint"]
+        encoder = text_encoder_from_info(store.extractor_info(text_fp), text_fp)
+        model = MamFusion.from_pretrained(model_dir)
+        scanner = IndexScanner(index, max_memory_bytes=max_memory_bytes)
+        ann = ApproximateSearch(scanner, approximate) if approximate else None
+        return cls(model, encoder, scanner, approximate=ann)
+
+    def check_queries(self, texts: Sequence[str]) -> None:
+        """Reject empty and over-long queries before any work, naming the query."""
+        if not texts:
+            raise QueryError("no query given")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise QueryError(f"query {i} is empty; type what should happen in the video")
+            if len(text) > self.max_query_chars:
+                raise QueryError(
+                    f"query {i} has {len(text)} characters; the limit is {self.max_query_chars} "
+                    f"(and the model reads only its first {self.model.config.max_desc_l} tokens)"
+                )
+
+    @torch.inference_mode()
+    def encode_queries(self, texts: Sequence[str]) -> Tensor:
+        """(B, d) L2-normalised query vectors through the text backbone the model was trained with."""
+        self.check_queries(texts)
+        tokens = self.text_encoder.encode(list(texts))
+        batch = collate_queries(tokens, self.model.config.max_desc_l)
+        return F.normalize(self.model.encode_queries(batch).float(), dim=-1)
+
+    def search(self, texts: Sequence[str], top_k: int = 10) -> list[list[Hit]]:
+        """Per query, the `top_k` best videos with score and matching moment."""
+        if top_k < 1:
+            raise QueryError(f"top_k must be at least 1, got {top_k}")
+        self.check_queries(texts)
+        cfg = self.model.config
+        out: list[list[Hit]] = []
+        for start in range(0, len(texts), self.query_batch):
+            queries = self.encode_queries(texts[start : start + self.query_batch])
+            top = self.ranker.topk(queries, top_k, (cfg.clip_scale_w, cfg.frame_scale_w))
+            out.extend(self.scanner.hits(top))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- building
+@dataclass
+class IndexSummary:
+    """What a build did; JSON-ready via `dataclasses.asdict`."""
+
+    index_url: str
+    model_fingerprint: str
+    dtype: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kept: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"video_id", "reason"}
+    rebuilt: str | None = None  # why an existing index was replaced, if it was
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    sha256: str
+    path: str
+
+
+def _gallery_from_catalog(
+    catalog: Catalog, store: FeatureStore, visual_fp: str, skipped: list[dict[str, str]]
+) -> dict[str, _Wanted]:
+    wanted = {}
+    for rec in catalog.videos:
+        if not rec.readable:
+            skipped.append({"video_id": rec.video_id, "reason": f"unreadable: {rec.error}"})
+        elif rec.sha256 is None:
+            skipped.append(
+                {"video_id": rec.video_id, "reason": "catalog has no sha256 for it; rescan the folder"}
+            )
+        elif not store.has_video(rec.sha256, visual_fp):
+            skipped.append(
+                {"video_id": rec.video_id, "reason": f"no features for visual extractor {visual_fp}"}
+            )
+        else:
+            wanted[rec.video_id] = _Wanted(rec.sha256, rec.path)
+    return wanted
+
+
+def _gallery_from_ids(
+    video_ids: Sequence[str], store: FeatureStore, visual_fp: str, skipped: list[dict[str, str]]
+) -> dict[str, _Wanted]:
+    found = store.resolve_video_ids(visual_fp, video_ids)
+    for vid in video_ids:
+        if vid not in found:
+            skipped.append({"video_id": vid, "reason": f"no features for visual extractor {visual_fp}"})
+    return {vid: _Wanted(found[vid], "") for vid in video_ids if vid in found}
+
+
+@torch.inference_mode()
+def encode_for_index(
+    model: MamFusion, feats: Sequence[np.ndarray], times: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Videos -> (B, n_clips + 1, d) L2-normalised vectors (clips, then pooled) and (B, n_clips, 2) spans.
+
+    The frame branch's Gaussian widths follow the padded batch length, so a padded batch would make a video's
+    vectors depend on its batch-mates. Only videos of equal frame-view length share a forward pass here: each
+    video gets the vectors it gets alone, whatever else is indexed with it, now or in a later update.
+    """
+    cfg = model.config
+    groups: dict[int, list[int]] = {}
+    for i, f in enumerate(feats):
+        groups.setdefault(min(len(f), cfg.max_ctx_l), []).append(i)
+    vectors = np.empty((len(feats), cfg.map_size + 1, cfg.hidden_size), dtype=np.float32)
+    for members in groups.values():
+        emb = model.encode_videos(collate_videos([feats[i] for i in members], cfg.map_size, cfg.max_ctx_l))
+        both = torch.cat([F.normalize(emb.clips, dim=-1), F.normalize(emb.video, dim=-1)[:, None]], dim=1)
+        vectors[members] = both.float().numpy()
+    spans = np.stack([clip_spans(t, cfg.map_size).numpy() for t in times])
+    return vectors, spans
+
+
+def _open_for_update(
+    url: str, fingerprint: str, dtype: Dtype, storage_options: dict[str, Any] | None, **layout: int
+) -> tuple[VideoIndex, str | None]:
+    """The existing index if it fits this model and dtype, else a fresh one and the reason for replacing."""
+    try:
+        index = VideoIndex.open(url, mode="r+", storage_options=storage_options)
+    except IndexNotFoundError:
+        index, reason = None, None
+    else:
+        if index.model_fingerprint != fingerprint:
+            reason = f"built by model {index.model_fingerprint[:12]}, this model is {fingerprint[:12]}"
+        elif index.dtype != dtype:
+            reason = f"stored as {index.dtype}, {dtype} requested"
+        else:
+            return index, None
+        log.warning("rebuilding index %s: %s", url, reason)
+    index = VideoIndex.create(
+        url, model_fingerprint=fingerprint, dtype=dtype, storage_options=storage_options, **layout
+    )
+    return index, reason
+
+
+def build_index(
+    model_dir: str | os.PathLike[str],
+    store: FeatureStore | str | None = None,
+    index_url: str | None = None,
+    *,
+    catalog: Catalog | None = None,
+    video_ids: Sequence[str] | None = None,
+    dtype: Dtype = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    batch_size: int = 32,
+    storage_options: dict[str, Any] | None = None,
+) -> IndexSummary:
+    """Bring the index of `model_dir` in line with a gallery (a catalog's videos, or `video_ids`).
+
+    Encodes only videos not yet indexed, tombstones videos gone from the gallery (or whose content changed,
+    which are then re-added), and rebuilds from scratch when the model's files (fingerprint) or dtype changed.
+    """
+    if (catalog is None) == (video_ids is None):
+        raise ValueError("give exactly one gallery: a catalog or a list of video ids")
+    fingerprint = model_fingerprint(model_dir)
+    features = read_features_json(model_dir)
+    visual_fp = features["visual_fingerprint"]
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore(store or features["store"], storage_options)
+    model = MamFusion.from_pretrained(model_dir).eval()
+    cfg = model.config
+    url = index_url or default_index_url(model_dir)
+    layout = {"dim": cfg.hidden_size, "n_clips": cfg.map_size, "chunk_rows": chunk_rows}
+    index, rebuilt = _open_for_update(url, fingerprint, dtype, storage_options, **layout)
+    summary = IndexSummary(url, fingerprint, dtype, rebuilt=rebuilt)
+    if catalog is not None:
+        wanted = _gallery_from_catalog(catalog, store, visual_fp, summary.skipped)
+    else:
+        wanted = _gallery_from_ids(video_ids or [], store, visual_fp, summary.skipped)
+
+    rows = index.rows()
+    stale, present = [], set()
+    for row, (vid, path, sha, alive) in enumerate(
+        zip(rows.video_ids, rows.paths, rows.sha256, rows.alive, strict=True)
+    ):
+        if not alive:
+            continue
+        if wanted.get(str(vid)) == _Wanted(str(sha), str(path)):
+            present.add(str(vid))
+        else:
+            stale.append(row)
+            summary.removed.append(str(vid))
+    todo = [vid for vid in wanted if vid not in present]
+    summary.kept = len(present)
+    index.set_complete(False)
+    index.remove(stale)
+    for start in range(0, len(todo), batch_size):
+        ids = todo[start : start + batch_size]
+        shas = [wanted[v].sha256 for v in ids]
+        videos = store.read_videos(visual_fp, shas)
+        dims = {v.features.shape[1] for v in videos}
+        if dims != {cfg.visual_dim}:
+            raise ValueError(
+                f"store {store.url}: visual features {visual_fp} are {sorted(dims)}-d, "
+                f"the model expects {cfg.visual_dim}"
+            )
+        vectors, spans = encode_for_index(model, [v.features for v in videos], [v.times for v in videos])
+        index.append(vectors, spans, ids, [wanted[v].path for v in ids], shas)
+        summary.added.extend(ids)
+        log.info("indexed %d/%d new videos", len(summary.added), len(todo))
+    index.set_complete(True)
+    return summary
