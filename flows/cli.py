@@ -1,8 +1,8 @@
 """The `mamfusion` command line.
 
-Each subcommand lives in its own module under `flows/commands/` and exposes `HELP`, `add_arguments(parser)` and
-`run(args) -> int`. Modules are imported only when their command runs, so `mamfusion catalog` does not pay for
-importing torch or Prefect.
+Each subcommand lives in its own module under `flows/commands/` and exposes `HELP`,
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their command runs,
+so `mamfusion catalog` does not pay for importing torch or Prefect.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def _available() -> dict[str, str]:
 
 
 def build_parser(commands: dict[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mamfusion", description="Partially Relevant Video Retrieval with MamFusion")
+    parser = argparse.ArgumentParser(
+        prog="mamfusion", description="Partially Relevant Video Retrieval with MamFusion"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in commands.items():

@@ -52,10 +52,11 @@ class MamFusionConfig(_Strict):
     mamba_expand: int = Field(2, gt=0)
     mamba_impl: Literal["auto", "torch", "cuda"] = "auto"
 
-
     def model_post_init(self, __context: Any) -> None:
         if self.hidden_size % self.n_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})"
+            )
         for w in self.gmm_widths:
             if w is not None and (not math.isfinite(w) or w <= 0):
                 raise ValueError(f"gmm_widths entries must be positive or null, got {w}")
@@ -104,29 +105,62 @@ class ExperimentConfig(_Strict):
 
 _ACTIVITYNET = dict(
     model=dict(
-        visual_dim=1024, query_dim=1024, n_heads=8, input_drop=0.2, drop=0.18, max_ctx_l=256,
-        loss_factor=(0.027, 0.045, 0.015), neg_factor=(0.2, 32.0),
+        visual_dim=1024,
+        query_dim=1024,
+        n_heads=8,
+        input_drop=0.2,
+        drop=0.18,
+        max_ctx_l=256,
+        loss_factor=(0.027, 0.045, 0.015),
+        neg_factor=(0.2, 32.0),
     ),
     train=dict(
-        batch_size=64, lr=4.5e-4, n_epoch=200, max_es_cnt=200, hard_negative_start_epoch=20, num_workers=28,
+        batch_size=64,
+        lr=4.5e-4,
+        n_epoch=200,
+        max_es_cnt=200,
+        hard_negative_start_epoch=20,
+        num_workers=28,
     ),
 )
 _CHARADES = dict(
     model=dict(
-        visual_dim=1024, query_dim=1024, n_heads=4, input_drop=0.15, drop=0.3, max_ctx_l=1024,
-        loss_factor=(0.008, 0.01, 0.005), neg_factor=(0.15, 32.0),
+        visual_dim=1024,
+        query_dim=1024,
+        n_heads=4,
+        input_drop=0.15,
+        drop=0.3,
+        max_ctx_l=1024,
+        loss_factor=(0.008, 0.01, 0.005),
+        neg_factor=(0.15, 32.0),
     ),
     train=dict(
-        batch_size=64, lr=3.8e-4, n_epoch=400, max_es_cnt=10, hard_negative_start_epoch=100, num_workers=48,
+        batch_size=64,
+        lr=3.8e-4,
+        n_epoch=400,
+        max_es_cnt=10,
+        hard_negative_start_epoch=100,
+        num_workers=48,
     ),
 )
 _TVR = dict(
     model=dict(
-        visual_dim=3072, query_dim=768, n_heads=8, input_drop=0.2, drop=0.45, max_ctx_l=512,
-        loss_factor=(0.027, 0.045, 0.015), neg_factor=(0.2, 32.0),
+        visual_dim=3072,
+        query_dim=768,
+        n_heads=8,
+        input_drop=0.2,
+        drop=0.45,
+        max_ctx_l=512,
+        loss_factor=(0.027, 0.045, 0.015),
+        neg_factor=(0.2, 32.0),
     ),
     train=dict(
-        batch_size=256, lr=4.5e-4, n_epoch=200, max_es_cnt=200, hard_negative_start_epoch=20, num_workers=28,
+        batch_size=256,
+        lr=4.5e-4,
+        n_epoch=200,
+        max_es_cnt=200,
+        hard_negative_start_epoch=20,
+        num_workers=28,
     ),
 )
 # Ours: the `lite` profile (EfficientNet-Lite0 1280-d frames, MiniLM 384-d tokens) on the demo corpus, CPU.
@@ -137,11 +171,22 @@ _TVR = dict(
 # corpus: train R@1 67%, test R@1 73% (was 2.3% / 7.9%).
 _DEMO = dict(
     model=dict(
-        visual_dim=1280, query_dim=384, n_heads=4, input_drop=0.1, drop=0.1, max_ctx_l=128,
-        loss_factor=(0.027, 0.045, 0.015), neg_factor=(0.2, 32.0),
+        visual_dim=1280,
+        query_dim=384,
+        n_heads=4,
+        input_drop=0.1,
+        drop=0.1,
+        max_ctx_l=128,
+        loss_factor=(0.027, 0.045, 0.015),
+        neg_factor=(0.2, 32.0),
     ),
     train=dict(
-        batch_size=16, lr=5e-5, n_epoch=30, max_es_cnt=10, hard_negative_start_epoch=10, num_workers=0,
+        batch_size=16,
+        lr=5e-5,
+        n_epoch=30,
+        max_es_cnt=10,
+        hard_negative_start_epoch=10,
+        num_workers=0,
     ),
 )
 
@@ -168,7 +213,7 @@ def load_preset(name: str, overrides: Mapping[str, Any] | None = None) -> Experi
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parse CLI `key=value` strings; values are YAML scalars (`lr=1e-4`, `use_mamba=false`, `loss_factor=[1,2,3]`)."""
+    """Parse CLI `key=value` strings; values are YAML scalars (`lr=1e-4`, `use_mamba=false`)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
