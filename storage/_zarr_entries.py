@@ -139,7 +139,11 @@ async def list_children(store: Store, path: str) -> list[str]:
 
 
 async def write_array(store: Store, path: str, data: np.ndarray, spec: ArraySpec) -> None:
-    """Write a whole per-entry array as a single uncompressed chunk."""
+    """Write a whole per-entry array as a single uncompressed chunk.
+
+    Stage paths are unique, so there is nothing to overwrite; `overwrite=True` would make zarr list and delete
+    the path first, which races with concurrent writers on fsspec's in-memory filesystem.
+    """
     await za.create_array(
         store,
         name=path,
@@ -148,7 +152,6 @@ async def write_array(store: Store, path: str, data: np.ndarray, spec: ArraySpec
         compressors=None,
         fill_value=0,
         dimension_names=spec.dimension_names,
-        overwrite=True,
     )
 
 
