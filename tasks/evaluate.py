@@ -15,12 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.config import ExperimentConfig
 from models.mamfusion import MamFusion, VideoEmbedding
 from models.preprocess import clip_spans
-from tasks.data import SplitData, query_batches, video_batches
+from storage.annotations import AnnotationSet
+from storage.feature_store import FeatureStore
+from storage.index import read_features_json
+from tasks.data import SplitData, load_split, query_batches, video_batches
+from tasks.device import resolve_device
 from tasks.metrics import best_positive_ranks, positive_mask, recall_metrics
 
 log = logging.getLogger(__name__)
+
+EXPERIMENT = "experiment.json"  # the full ExperimentConfig of a run directory
 
 
 @dataclass
@@ -170,3 +177,27 @@ def write_per_query(path: str | Path, records: list[dict]) -> None:
     with open(p, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+def evaluate_saved_run(
+    model_dir: str | Path,
+    annotations: AnnotationSet,
+    *,
+    name: str,
+    store_url: str | None = None,
+    details: bool = True,
+) -> tuple[EvalResult, SplitData]:
+    """Evaluate a saved run directory on `annotations` with the features it was trained on (features.json)."""
+    out = Path(model_dir)
+    features = read_features_json(out)
+    store = FeatureStore(store_url or features["store"])
+    data = load_split(
+        store, annotations, None, features["visual_fingerprint"], features["text_fingerprint"], name=name
+    )
+    model = MamFusion.from_pretrained(out).to(resolve_device("auto"))
+    data.check_dims(model.config)
+    sizes = {}
+    if (out / EXPERIMENT).exists():
+        train = ExperimentConfig.model_validate_json((out / EXPERIMENT).read_text()).train
+        sizes = {"query_bsz": train.eval_query_bsz, "context_bsz": train.eval_context_bsz}
+    return evaluate(model, data, details=details, **sizes), data

@@ -28,11 +28,11 @@ from models.text_backbones import TextEncoder
 from storage.catalog import VideoRecord, sha256_file
 from storage.feature_store import FeatureStore, MissingFeatureError
 from tasks.decode import DecodeError, FrameChunk, VideoStream
+from tasks.device import resolve_device
 from tasks.profiles import (
     FeatureProfile,
     VisualExtractorConfig,
     build_text_encoder,
-    resolve_device,
     text_encoder_from_info,
     text_fingerprint,
     visual_fingerprint,

@@ -13,11 +13,11 @@ import hashlib
 import json
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.backbones import BACKBONES, weights_identity
 from models.text_backbones import TextEncoder, load_text_encoder, text_weights_identity
+from tasks.device import resolve_device
 
 EXTRACTOR_VERSION = 1
 
@@ -113,14 +113,6 @@ def feature_profile(name: str, **overrides: dict[str, Any]) -> FeatureProfile:
         visual=VisualExtractorConfig(**{**base["visual"], **overrides.get("visual", {})}),
         text=TextExtractorConfig(**{**base["text"], **overrides.get("text", {})}),
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available")
-    return torch.device(device)
 
 
 def visual_precision(cfg: VisualExtractorConfig) -> str:

@@ -21,13 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from models.mamfusion import MamFusion
 from storage.annotations import read_annotations
 from storage.catalog import write_text_atomic
-from storage.feature_store import FeatureStore
-from storage.index import read_features_json
-from tasks.data import load_split
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate_saved_run
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +90,10 @@ def evaluate_model(
     model_dir: str | Path, store_url: str, annotations: str | Path, split: str, fmt: str | None = None
 ) -> dict[str, Any]:
     """Metrics of a published model on `split` of an annotation file, with the features it was trained on."""
-    features = read_features_json(model_dir)
     ann = read_annotations(annotations, fmt, skip_malformed=True)
     subset = ann.split(split) if split in ann.splits() else ann
-    store = FeatureStore(store_url)
-    data = load_split(store, subset, None, features["visual_fingerprint"], features["text_fingerprint"])
-    model = MamFusion.from_pretrained(model_dir)
-    data.check_dims(model.config)
-    return {"split": split, **evaluate(model, data, details=False).metrics}
+    result, _ = evaluate_saved_run(model_dir, subset, name=split, store_url=store_url, details=False)
+    return {"split": split, **result.metrics}
 
 
 def copy_run(run_dir: str | Path, models_dir: str | Path, version: str) -> Path:

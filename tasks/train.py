@@ -43,14 +43,14 @@ from tasks.data import (
     store_dims,
     train_loader,
 )
-from tasks.evaluate import evaluate
+from tasks.device import resolve_device
+from tasks.evaluate import EXPERIMENT, evaluate
 from tasks.report import write_report
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 HISTORY = "history.jsonl"
-EXPERIMENT = "experiment.json"
 FEATURES_FILE = "features.json"
 
 
@@ -74,15 +74,6 @@ class TrainResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, Any]]
-
-
-def resolve_device(train: TrainConfig) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
-    if train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but CUDA is not available (use device=auto or cpu)")
-    if train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(train.device)
 
 
 def amp_enabled(train: TrainConfig, device: torch.device) -> bool:
@@ -237,7 +228,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPERIMENT).write_text(cfg.model_dump_json(indent=2))
-    device = resolve_device(cfg.train)
+    device = resolve_device(cfg.train.device, "train.device")
     amp = amp_enabled(cfg.train, device)
     seed_everything(cfg.train.seed)
 
@@ -385,7 +376,7 @@ def train_run(
         )
     )
     result = train(cfg, train_data, val_data, out, resume=resume, progress=progress)
-    model = MamFusion.from_pretrained(out).to(resolve_device(cfg.train))
+    model = MamFusion.from_pretrained(out).to(resolve_device(cfg.train.device, "train.device"))
     evaluated = evaluate(
         model, test_data, query_bsz=cfg.train.eval_query_bsz, context_bsz=cfg.train.eval_context_bsz
     )

@@ -22,13 +22,13 @@ from storage.annotations import AnnotationSet, QueryRecord
 from storage.feature_store import FeatureStore
 from storage.synthetic import SyntheticConfig, SyntheticPRVR, make_synthetic_benchmark, write_to_store
 from tasks.data import DataError, load_split
+from tasks.device import resolve_device
 from tasks.evaluate import evaluate
 from tasks.train import (
     CHECKPOINT,
     _rng_state,
     _set_rng_state,
     amp_enabled,
-    resolve_device,
     select_splits,
     train,
 )
@@ -218,12 +218,12 @@ def test_full_model_learns_far_above_untrained(tmp_path):
 
 def test_device_and_amp_choice():
     cpu = load_preset("demo", {"device": "cpu"}).train
-    assert resolve_device(cpu) == torch.device("cpu") and not amp_enabled(cpu, torch.device("cpu"))
+    assert resolve_device(cpu.device) == torch.device("cpu") and not amp_enabled(cpu, torch.device("cpu"))
     assert amp_enabled(load_preset("demo").train, torch.device("cuda"))  # bf16 autocast by default on CUDA
     assert not amp_enabled(load_preset("demo", {"amp": "off"}).train, torch.device("cuda"))
     with pytest.raises(ConfigError, match="amp=on needs CUDA"):
         amp_enabled(load_preset("demo", {"amp": "on"}).train, torch.device("cpu"))
     if not torch.cuda.is_available():
-        assert resolve_device(load_preset("demo").train) == torch.device("cpu")
+        assert resolve_device(load_preset("demo").train.device) == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available"):
-            resolve_device(load_preset("demo", {"device": "cuda"}).train)
+            resolve_device(load_preset("demo", {"device": "cuda"}).train.device, "train.device")

@@ -8,16 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from models.config import ExperimentConfig
-from models.mamfusion import MamFusion
 from storage.annotations import AnnotationError, AnnotationSet, read_annotations
-from storage.feature_store import FeatureStore, FeatureStoreError
-from tasks.data import DataError, load_split
-from tasks.evaluate import evaluate, write_per_query
+from storage.feature_store import FeatureStoreError
+from tasks.data import DataError
+from tasks.evaluate import evaluate_saved_run, write_per_query
 from tasks.metrics import format_metrics
-from tasks.train import EXPERIMENT, FEATURES_FILE
+from tasks.train import FEATURES_FILE
 
 HELP = "evaluate a trained run (R@1/5/10/100, SumR) on a split of its annotations or on a caption file"
 
@@ -53,14 +49,9 @@ def evaluate_run(
     """Evaluate the run's best model; writes eval/<name>/{metrics.json, per_query.jsonl}."""
     out = Path(model_dir)
     run = json.loads((out / FEATURES_FILE).read_text())
-    cfg = ExperimentConfig.model_validate_json((out / EXPERIMENT).read_text())
     ann = read_annotations(captions, skip_malformed=True) if captions else _annotations(run, split)
     name = Path(captions).stem if captions else split
-    store = FeatureStore(store_url or run["store"])
-    data = load_split(store, ann, None, run["visual_fingerprint"], run["text_fingerprint"], name=name)
-    model = MamFusion.from_pretrained(out).to("cuda" if torch.cuda.is_available() else "cpu")
-    data.check_dims(model.config)
-    result = evaluate(model, data, query_bsz=cfg.train.eval_query_bsz, context_bsz=cfg.train.eval_context_bsz)
+    result, data = evaluate_saved_run(out, ann, name=name, store_url=store_url)
     metrics = {"split": name, **result.metrics, "skipped": len(data.skipped) + len(ann.skipped)}
     write_per_query(out / "eval" / name / "per_query.jsonl", result.per_query)
     (out / "eval" / name / "metrics.json").write_text(json.dumps(metrics, indent=2))
