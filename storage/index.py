@@ -29,9 +29,11 @@ from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import zarr
+from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from storage._zarr_entries import gather_limited
 from storage.catalog import sha256_file
 
 FORMAT = "mamfusion-index"
@@ -303,8 +305,40 @@ class VideoIndex:
         return out
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Vectors of scattered rows (ascending), e.g. the candidates an approximate stage re-scores."""
-        return self._group["vectors"].oindex[np.asarray(rows, dtype=np.int64)]
+        """Vectors of scattered rows, e.g. the candidates an approximate stage re-scores.
+
+        Each row is one byte-range read of its (uncompressed) chunk, issued concurrently: zarr's own indexing
+        would fetch the whole 13 MB chunk for every scattered row, which at 1M videos made a re-scoring of a
+        few hundred candidates read gigabytes.
+        """
+        rows, url = np.asarray(rows, dtype=np.int64), self.url
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.count):
+            raise IndexError(f"{self.url}: rows must be in [0, {self.count}), got {rows.min()}..{rows.max()}")
+        array = self._group["vectors"]
+        tail = (self.n_clips + 1, self.dim)
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        row_bytes = dtype.itemsize * tail[0] * tail[1]
+        chunk_rows = self.chunk_rows  # read here: the coroutines below must not call back into sync()
+        out = np.empty((len(rows), *tail), dtype=self.dtype)
+
+        async def read(i: int, row: int) -> None:
+            chunk, offset = divmod(int(row), chunk_rows)
+            path = array.store_path / array.metadata.encode_chunk_key((chunk, 0, 0))
+            wanted = RangeByteRequest(offset * row_bytes, (offset + 1) * row_bytes)
+            raw = await path.get(prototype=_BUFFERS, byte_range=wanted)
+            if raw is None:  # never written: zarr's fill value
+                out[i] = 0
+                return
+            got = np.frombuffer(raw.as_buffer_like(), dtype=dtype)
+            if got.size != tail[0] * tail[1]:
+                raise IndexFormatError(f"{url}: chunk {chunk} is truncated at row {offset}; rebuild it")
+            out[i] = got.reshape(tail)
+
+        async def read_all() -> None:
+            await gather_limited(read(i, row) for i, row in enumerate(rows))
+
+        sync(read_all())
+        return out
 
     def read_spans(self) -> np.ndarray:
         """(count, n_clips, 2) seconds; small next to the vectors (1% at d=384), so it is read whole."""

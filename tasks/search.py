@@ -2,10 +2,10 @@
 
 `build_index` encodes each gallery video once (MODEL_SPEC §11: video vectors do not depend on the query)
 into the Zarr index of `storage.index`, and on later runs encodes only videos it has not seen. `Searcher`
-loads the model, its text backbone and the index once, then scores query batches by chunked matrix products
-over the index (score = clip_scale_w * max-clip cosine + frame_scale_w * video cosine, as `MamFusion.score`)
-with a running top-k, so memory stays bounded whatever the gallery size; an index larger than
-`max_memory_bytes` is streamed from its store instead of loaded.
+loads the model, its text backbone and the index once, then scores query batches block by block over the
+index (`tasks.scan`: score = clip_scale_w * max-clip cosine + frame_scale_w * video cosine, as
+`MamFusion.score`) with a running top-k, so memory stays bounded whatever the gallery size; an index larger
+than `max_memory_bytes` is streamed from its store instead of loaded.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,12 @@ from storage.index import (
     read_features_json,
 )
 from tasks.profiles import text_encoder_from_info
+from tasks.scan import Kernel, TopK, pick_kernel, scan_topk, score_matmul
 
 log = logging.getLogger(__name__)
 
 INDEX_DIRNAME = "index.zarr"
 MAX_QUERY_CHARS = 1000  # a guard, not a model limit: tokens past max_desc_l are dropped as in training
-SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays in cache for its product
 
 
 class QueryError(ValueError):
@@ -63,80 +63,24 @@ class Hit:
     end: float
 
 
-@dataclass(frozen=True)
-class TopK:
-    """Per query, the best rows of a scan in descending score order."""
-
-    scores: Tensor  # (B, k) float32
-    rows: Tensor  # (B, k) int64 index rows
-    clips: Tensor  # (B, k) int64 best clip of each hit
-
-
 def default_index_url(model_dir: str | os.PathLike[str]) -> str:
     """Where `mamfusion index` writes and `mamfusion search` looks when no URL is given."""
     return str(Path(model_dir) / INDEX_DIRNAME)
 
 
 # ---------------------------------------------------------------------------------------------- scanning
-def _score_block(
-    queries: Tensor, block: Tensor, weights: tuple[float, float], buf: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(B, d) against (m, n_clips + 1, d) -> scores (B, m) and best clip (B, m).
-
-    Stored fp16 rows are converted into the fp32 buffer `buf` sub-block by sub-block, so the index is read
-    from memory once at its stored size and the product runs on exact fp32 copies of the stored values.
-    """
-    m, rows, d = block.shape
-    flat = block.reshape(m * rows, d)
-    if flat.dtype != torch.float32:
-        flat = buf[: m * rows].copy_(flat)
-    sims = torch.mm(queries, flat.T).view(-1, m, rows)
-    clip, best = sims[..., :-1].max(dim=-1)
-    return weights[0] * clip + weights[1] * sims[..., -1], best
-
-
-def scan_topk(
-    queries: Tensor,
-    blocks: Iterable[tuple[int, Tensor]],
-    alive: Tensor,
-    top_k: int,
-    weights: tuple[float, float],
-) -> TopK:
-    """Exact top-k of every query over all alive rows, block by block, merging a running top-k.
-
-    `queries` are L2-normalised (B, d) fp32; `blocks` yields `(first_row, (m, n_clips + 1, d))`; `weights` are
-    (clip_scale_w, frame_scale_w). Memory: one block plus (B, block rows) scores, whatever the gallery size.
-    """
-    n_queries = queries.shape[0]
-    k = min(top_k, int(alive.sum()))
-    best = TopK(
-        torch.empty(n_queries, 0),
-        torch.empty(n_queries, 0, dtype=torch.long),
-        torch.empty(n_queries, 0, dtype=torch.long),
-    )
-    buf = torch.empty(0)
-    for start, block in blocks:
-        m = block.shape[0]
-        if buf.shape[0] < SUB_BLOCK_VIDEOS * block.shape[1]:
-            buf = torch.empty(SUB_BLOCK_VIDEOS * block.shape[1], block.shape[2])
-        scores = torch.empty(n_queries, m)
-        clips = torch.empty(n_queries, m, dtype=torch.long)
-        for s in range(0, m, SUB_BLOCK_VIDEOS):
-            e = min(s + SUB_BLOCK_VIDEOS, m)
-            scores[:, s:e], clips[:, s:e] = _score_block(queries, block[s:e], weights, buf)
-        scores[:, ~alive[start : start + m]] = float("-inf")
-        merged = torch.cat([best.scores, scores], dim=1)
-        top, pos = merged.topk(min(k, merged.shape[1]), dim=1)
-        rows = torch.cat([best.rows, torch.arange(start, start + m).expand(n_queries, m)], dim=1)
-        best = TopK(top, rows.gather(1, pos), torch.cat([best.clips, clips], dim=1).gather(1, pos))
-    return best
-
-
 class IndexScanner:
-    """One index ready to scan: vectors in RAM if they fit in `max_memory_bytes`, else streamed from Zarr."""
+    """One index ready to scan: vectors in RAM if they fit in `max_memory_bytes`, else streamed from Zarr.
 
-    def __init__(self, index: VideoIndex, *, max_memory_bytes: int | None = None) -> None:
+    `kernel` picks the scoring loop (`tasks.scan`): "auto" compiles the fused kernel for indexes large enough
+    to repay it and falls back to "matmul" (with a warning) where it cannot be compiled.
+    """
+
+    def __init__(
+        self, index: VideoIndex, *, max_memory_bytes: int | None = None, kernel: Kernel = "auto"
+    ) -> None:
         self.index = index
+        self.kernel = pick_kernel(kernel, index.nbytes, index.n_clips + 1, index.dim)
         rows = index.rows()
         self.video_ids = rows.video_ids
         self.paths = rows.paths
@@ -165,7 +109,7 @@ class IndexScanner:
                 yield start, torch.from_numpy(block)
 
     def topk(self, queries: Tensor, top_k: int, weights: tuple[float, float]) -> TopK:
-        return scan_topk(queries, self.blocks(), self.alive, top_k, weights)
+        return scan_topk(queries, self.blocks(), self.alive, top_k, weights, self.kernel)
 
     def gather(self, rows: np.ndarray) -> Tensor:
         """(len(rows), n_clips + 1, d) vectors of ascending rows, from RAM or the store."""
@@ -254,7 +198,7 @@ class ApproximateSearch:
             if not len(rows):
                 continue
             block = self.scanner.gather(rows).float()
-            scores, clips = _score_block(queries[i : i + 1], block, weights, torch.empty(0))
+            scores, clips = score_matmul(queries[i : i + 1], block, weights)
             top, pos = scores[0].topk(min(top_k, len(rows)))
             out.scores[i, : len(top)] = top
             out.rows[i, : len(top)] = torch.from_numpy(rows)[pos]
@@ -292,6 +236,7 @@ class Searcher:
         store_url: str | None = None,
         storage_options: dict[str, Any] | None = None,
         max_memory_bytes: int | None = None,
+        kernel: Kernel = "auto",
         approximate: ApproxConfig | None = None,
     ) -> Searcher:
         """Check the index belongs to this model (by fingerprint of its files), then load everything."""
@@ -308,7 +253,7 @@ class Searcher:
         text_fp = features["text_fingerprint"]
         encoder = text_encoder_from_info(store.extractor_info(text_fp), text_fp)
         model = MamFusion.from_pretrained(model_dir)
-        scanner = IndexScanner(index, max_memory_bytes=max_memory_bytes)
+        scanner = IndexScanner(index, max_memory_bytes=max_memory_bytes, kernel=kernel)
         ann = ApproximateSearch(scanner, approximate) if approximate else None
         return cls(model, encoder, scanner, approximate=ann)
 

@@ -143,9 +143,24 @@ def test_check_model_names_both_models(tmp_path):
 
 def test_memory_url_works():
     rng = np.random.default_rng(6)
-    index = _new("memory://test-index-memory.zarr")
-    index.append(*_rows(rng, 2))
-    assert VideoIndex.open("memory://test-index-memory.zarr").count == 2
+    index = _new("memory://test-index-memory.zarr", chunk_rows=2)
+    vectors, *rest = _rows(rng, 5)
+    index.append(vectors, *rest)
+    reopened = VideoIndex.open("memory://test-index-memory.zarr")
+    assert reopened.count == 5
+    np.testing.assert_array_equal(reopened.read_rows(np.array([4, 1])), vectors[[4, 1]].astype(np.float16))
+
+
+def test_read_rows_reads_scattered_rows_in_any_order(tmp_path):
+    rng = np.random.default_rng(7)
+    index = _new(str(tmp_path / "idx.zarr"), "float32", chunk_rows=4)
+    vectors, *rest = _rows(rng, 11)
+    index.append(vectors, *rest)
+    rows = np.array([10, 0, 5, 5, 3, 8])  # unsorted, repeated, across chunk edges, in the short last chunk
+    np.testing.assert_array_equal(index.read_rows(rows), vectors[rows])
+    assert index.read_rows(np.array([], dtype=np.int64)).shape == (0, CLIPS + 1, vectors.shape[-1])
+    with pytest.raises(IndexError, match=r"rows must be in \[0, 11\), got 2..11"):
+        index.read_rows(np.array([2, 11]))
 
 
 def _model_dir(path):

@@ -40,7 +40,6 @@ from tasks.search import (
     Searcher,
     build_index,
     encode_for_index,
-    scan_topk,
 )
 from tasks.train import train
 
@@ -179,32 +178,19 @@ def test_scan_matches_model_scoring_and_moments(gallery):
         assert [h.rank for h in per_query] == list(range(1, len(ids) + 1))
 
 
-def test_scan_topk_streaming_equals_in_memory_and_skips_tombstones():
-    rng = np.random.default_rng(0)
-    vectors = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((50, 5, 8))).float(), dim=-1)
-    queries = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((4, 8))).float(), dim=-1)
-    alive = torch.ones(50, dtype=torch.bool)
-    alive[[3, 17, 44]] = False
-    sims = torch.einsum("qd,vnd->qvn", queries, vectors)
-    brute = 0.7 * sims[..., :-1].max(-1).values + 0.3 * sims[..., -1]
-    brute[:, ~alive] = float("-inf")
-    want = brute.topk(7, dim=1)
-    one_block = scan_topk(queries, [(0, vectors)], alive, 7, (0.7, 0.3))
-    blocks = [(s, vectors[s : s + 6].half().float()) for s in range(0, 50, 6)]  # odd block size
-    many = scan_topk(queries, [(s, vectors[s : s + 6]) for s in range(0, 50, 6)], alive, 7, (0.7, 0.3))
-    for top in (one_block, many):
-        assert torch.equal(top.rows, want.indices)
-        torch.testing.assert_close(top.scores, want.values)
-    assert scan_topk(queries, blocks, alive, 100, (0.7, 0.3)).rows.shape == (4, 47)  # k capped by alive rows
-
-
-def test_streamed_index_gives_the_same_hits(gallery):
+def test_streamed_index_and_fused_kernel_give_the_same_hits(gallery):
     build_index(gallery.model_dir, gallery.store, gallery.index_url, catalog=gallery.catalog(), chunk_rows=4)
     texts = ["a man rides a horse", "the light turns on"]
     in_ram = gallery.searcher()
     streamed = gallery.searcher(max_memory_bytes=0)
     assert in_ram.scanner.vectors is not None and streamed.scanner.vectors is None
+    assert in_ram.scanner.kernel == "matmul"  # "auto" on a tiny index
     assert in_ram.search(texts, 5) == streamed.search(texts, 5)
+    for fused in (gallery.searcher(kernel="fused"), gallery.searcher(max_memory_bytes=0, kernel="fused")):
+        assert fused.scanner.kernel == "fused"
+        for got, want in zip(fused.search(texts[:1], 5), in_ram.search(texts[:1], 5), strict=True):
+            assert [(h.video_id, h.start, h.end) for h in got] == [(h.video_id, h.start, h.end) for h in want]
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- building
