@@ -127,7 +127,7 @@ def worker_scan(url: str, mode: str, reps: int, batch: bool) -> dict:
     single = _timed(lambda: scanner.topk(queries[:1], 10, WEIGHTS), reps)
     batch_s = _timed(lambda: scanner.topk(queries, 10, WEIGHTS), max(1, reps // 2)) if batch else None
     # the same scanner, so RAM holds one copy of the index
-    scanner.kernel = pick_kernel("fused", index.nbytes, CLIPS + 1, DIM)
+    scanner.kernel = pick_kernel("fused", index.dtype)
     fused_single = _timed(lambda: scanner.topk(queries[:1], 10, WEIGHTS), reps)
     _, peak = _peak_rss_mb()
     return {

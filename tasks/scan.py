@@ -4,21 +4,28 @@ A row is one video: its `n_clips` clip vectors then its pooled vector, all L2-no
 `clip_w * max-clip cosine + video_w * pooled cosine` (MamFusion.score). Two kernels compute it:
 
 - `matmul`: converts each stored sub-block to fp32 in a cache-sized buffer and multiplies. A batch of queries
-  shares every conversion, so batches run at matrix-product speed.
-- `fused`: one loop (compiled by torch.compile's C++ backend) that loads fp16 rows, widens them in registers
-  and accumulates in fp32 - the index is read once at its stored size with no fp32 copy, so a single query
-  runs near memory bandwidth (BENCHMARKS.md). Per extra query it reads the block again, so it serves 1-2
-  queries; `pick_kernel` chooses.
+  shares every conversion, so large batches run at matrix-product speed.
+- `fused` (fp16 indexes): a small C loop (`scan_fp16.c`, compiled with the machine's C compiler on first use
+  and cached) that widens halves in registers and accumulates in fp32. The index is read once at its stored
+  size with no fp32 copy, so a query runs near memory bandwidth (BENCHMARKS.md); it serves up to
+  FUSED_MAX_QUERIES queries per pass, larger batches go to `matmul`.
 
 Both compute exact fp32 dot products of the stored values, so they rank identically up to summation order.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import logging
-from collections.abc import Callable, Iterable
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -28,15 +35,13 @@ log = logging.getLogger(__name__)
 
 Kernel = Literal["auto", "fused", "matmul"]
 SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays in cache for its product
-FUSED_MAX_QUERIES = 2  # from 3 queries on, one shared conversion + matrix product is faster (BENCHMARKS.md)
-FUSED_MIN_INDEX_BYTES = 256 << 20  # below this a scan takes < 20 ms: not worth a compile (seconds, once)
-PROBE_VIDEOS = 512  # the index's chunk size (storage.index.DEFAULT_CHUNK_ROWS): blocks arrive this size
-
-ScoreFn = Callable[[Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
+FUSED_MAX_QUERIES = 4  # from ~8 queries on, one shared conversion + matrix product is as fast (BENCHMARKS.md)
+KERNEL_SOURCE = Path(__file__).with_name("scan_fp16.c")
+COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
 class KernelUnavailableError(RuntimeError):
-    """The fused kernel was asked for but cannot be compiled here (no C++ compiler, unsupported platform)."""
+    """The fused kernel was asked for but cannot be built here (no C compiler, no fp16 vector support)."""
 
 
 @dataclass(frozen=True)
@@ -65,50 +70,96 @@ def score_matmul(
     return weights[0] * clip + weights[1] * sims[..., -1], best
 
 
-def _score_fused(queries: Tensor, block: Tensor, clip_w: float, video_w: float) -> tuple[Tensor, Tensor]:
-    # written as broadcast-multiply-sum, not a product, so the compiler fuses load + widen + fma + reduce
-    sims = (block.float()[None] * queries[:, None, None, :]).sum(-1)  # (B, m, n_clips + 1)
-    clip, best = sims[..., :-1].max(dim=-1)
-    return clip_w * clip + video_w * sims[..., -1], best
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept between runs (`$XDG_CACHE_HOME/mamfusion/kernels`)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mamfusion" / "kernels"
+
+
+def _compile(source: Path, target: Path) -> None:
+    """Build the shared library with `$CC` (default `cc`), writing it under a temporary name first."""
+    compiler = os.environ.get("CC", "cc")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        try:
+            out = subprocess.run(
+                [compiler, *COMPILE_FLAGS, "-o", str(built), str(source)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise KernelUnavailableError(f"C compiler {compiler!r} could not run: {e}") from e
+        if out.returncode:
+            first = next((line for line in out.stderr.splitlines() if "error" in line), out.stderr.strip())
+            raise KernelUnavailableError(f"{compiler} could not build {source.name}: {first}")
+        os.replace(built, target)  # atomic: a concurrent process loads a whole library or builds its own
 
 
 @functools.cache
-def fused_scorer(rows: int, dim: int) -> ScoreFn:
-    """The fused kernel for rows of `rows` x `dim` vectors, compiled and checked against `score_matmul`.
-
-    Compiled once per row layout and process, on a full-size probe block: the compiler picks its loop tiling
-    from the sizes it first sees, and a toy probe gave a kernel 3.7x slower on real blocks. Raises
-    `KernelUnavailableError` (with the compiler's reason) where torch.compile cannot build it.
-    """
-    fn = torch.compile(_score_fused, dynamic=True)
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.nn.functional.normalize(torch.randn(PROBE_VIDEOS, rows, dim, generator=gen), dim=-1).half()
-    with torch.inference_mode():  # as in scan_topk: a grad-mode change would compile it again
-        query = torch.nn.functional.normalize(torch.randn(1, dim, generator=gen), dim=-1)
-        try:
-            got, _ = fn(query, probe, 0.7, 0.3)
-        except Exception as e:  # torch raises compiler-specific types; all mean "not here"
-            reason = (str(e).strip().splitlines() or ["no message"])[0]
-            raise KernelUnavailableError(
-                f"the fused search kernel could not be compiled ({type(e).__name__}: {reason}); "
-                "use kernel='matmul' or install a C++ compiler"
-            ) from e
-        want, _ = score_matmul(query, probe, (0.7, 0.3))
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-        raise KernelUnavailableError("the compiled fused search kernel disagrees with the matmul kernel")
-    return fn
-
-
-def pick_kernel(requested: Kernel, index_bytes: int, rows: int, dim: int) -> Literal["fused", "matmul"]:
-    """`auto`: fused for indexes big enough to repay compiling it, if it compiles here; else matmul."""
-    if requested == "matmul" or (requested == "auto" and index_bytes < FUSED_MIN_INDEX_BYTES):
-        return "matmul"
+def _native_library() -> ctypes.CDLL | KernelUnavailableError:
+    """The compiled fused kernel (built once per machine and source version), checked on a probe block
+    against `score_matmul`; or why it is unavailable."""
+    source = KERNEL_SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode() + platform.machine().encode()).hexdigest()
+    target = kernel_cache_dir() / f"scan_fp16-{key[:16]}.so"
     try:
-        fused_scorer(rows, dim)
-    except KernelUnavailableError as e:
+        if not target.exists():
+            _compile(KERNEL_SOURCE, target)
+        lib = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls: prefetch threads keep reading
+    except (OSError, KernelUnavailableError) as e:
+        return e if isinstance(e, KernelUnavailableError) else KernelUnavailableError(str(e))
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.scan_fp16.argtypes = [ptr, i64, i64, i64, ptr, i64, f32, f32, ptr, ptr]
+    lib.scan_fp16.restype = None
+    # d = 72 is no multiple of the unrolled width, so the leftover loops run as well
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.nn.functional.normalize(torch.randn(3, 5, 72, generator=gen), dim=-1).half()
+    queries = torch.nn.functional.normalize(torch.randn(2, 72, generator=gen), dim=-1)
+    got, want = _run(lib, queries, probe, (0.7, 0.3)), score_matmul(queries, probe, (0.7, 0.3))
+    if not (torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])):
+        return KernelUnavailableError(f"{target} gives wrong scores; delete it to rebuild")
+    return lib
+
+
+def _run(
+    lib: ctypes.CDLL, queries: Tensor, block: Tensor, weights: tuple[float, float]
+) -> tuple[Tensor, Tensor]:
+    block, queries = block.contiguous(), queries.float().contiguous()
+    m, rows, d = block.shape
+    scores = torch.empty(len(queries), m)
+    best = torch.empty(len(queries), m, dtype=torch.long)
+    lib.scan_fp16(
+        block.data_ptr(), m, rows, d, queries.data_ptr(), len(queries),
+        weights[0], weights[1], scores.data_ptr(), best.data_ptr(),
+    )  # fmt: skip
+    return scores, best
+
+
+def score_fused(queries: Tensor, block: Tensor, weights: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Same contract as `score_matmul`, for an fp16 block, through the compiled kernel."""
+    lib = _native_library()
+    if isinstance(lib, KernelUnavailableError):
+        raise lib
+    if block.dtype != torch.float16:
+        raise TypeError(f"the fused kernel reads fp16 index rows, got {block.dtype}")
+    if queries.shape[1] != block.shape[2]:
+        raise ValueError(f"queries are {queries.shape[1]}-d, index rows {block.shape[2]}-d")
+    return _run(lib, queries, block, weights)
+
+
+def pick_kernel(requested: Kernel, dtype: str) -> Literal["fused", "matmul"]:
+    """`auto`: fused for fp16 indexes where the kernel builds, else matmul (with a warning saying why)."""
+    if requested == "matmul" or (requested == "auto" and dtype != "float16"):
+        return "matmul"
+    problem = _native_library()
+    if requested == "fused" and dtype != "float16":
+        problem = KernelUnavailableError(f"the fused kernel reads fp16 indexes; this one is {dtype}")
+    if isinstance(problem, KernelUnavailableError):
         if requested == "fused":
-            raise
-        log.warning("%s; searching with the matmul kernel", e)
+            raise problem
+        log.warning("fused search kernel unavailable (%s); searching with the matmul kernel", problem)
         return "matmul"
     return "fused"
 
@@ -126,10 +177,9 @@ def scan_topk(
 
     `queries` are L2-normalised (B, d) fp32; `blocks` yields `(first_row, (m, n_clips + 1, d))`; `weights` are
     (clip_scale_w, frame_scale_w). Memory: one block plus (B, block rows) scores, whatever the gallery size.
-    The fused kernel is used for up to FUSED_MAX_QUERIES queries when `kernel` is "fused".
     """
     n_queries = queries.shape[0]
-    use_fused = kernel == "fused" and n_queries <= FUSED_MAX_QUERIES
+    fused = kernel == "fused" and n_queries <= FUSED_MAX_QUERIES
     k = min(top_k, int(alive.sum()))
     best = TopK(
         torch.empty(n_queries, 0),
@@ -139,8 +189,8 @@ def scan_topk(
     buf = torch.empty(0)
     for start, block in blocks:
         m = block.shape[0]
-        if use_fused:
-            scores, clips = fused_scorer(*block.shape[1:])(queries, block, *weights)
+        if fused:
+            scores, clips = score_fused(queries, block, weights)
         else:
             if buf.shape[0] < SUB_BLOCK_VIDEOS * block.shape[1]:
                 buf = torch.empty(SUB_BLOCK_VIDEOS * block.shape[1], block.shape[2])

@@ -72,15 +72,15 @@ def default_index_url(model_dir: str | os.PathLike[str]) -> str:
 class IndexScanner:
     """One index ready to scan: vectors in RAM if they fit in `max_memory_bytes`, else streamed from Zarr.
 
-    `kernel` picks the scoring loop (`tasks.scan`): "auto" compiles the fused kernel for indexes large enough
-    to repay it and falls back to "matmul" (with a warning) where it cannot be compiled.
+    `kernel` picks the scoring loop (`tasks.scan`): "auto" takes the fused kernel for fp16 indexes and falls
+    back to "matmul" (with a warning) where it cannot be built.
     """
 
     def __init__(
         self, index: VideoIndex, *, max_memory_bytes: int | None = None, kernel: Kernel = "auto"
     ) -> None:
         self.index = index
-        self.kernel = pick_kernel(kernel, index.nbytes, index.n_clips + 1, index.dim)
+        self.kernel = pick_kernel(kernel, index.dtype)
         rows = index.rows()
         self.video_ids = rows.video_ids
         self.paths = rows.paths
