@@ -2,16 +2,17 @@
 
 Builds real `storage.index` Zarr indexes (fp16, d=384, 32 clips + 1 pooled vector per video) of synthetic
 vectors, then times `tasks.search.IndexScanner.topk` - the same chunked scan `Searcher.search` runs after
-encoding the query - for one query and for a batch of 100, with the index held in RAM ("memory") or streamed
-from the store block by block ("stream"). Every measurement runs in a fresh subprocess so its peak RSS
-(VmHWM) is its own. The machine's memory bandwidth is measured right before each row (the machine is shared,
-so load varies): the best of 5 single-thread `numpy.sum` passes over a 1 GiB float32 array, a pure sequential
-read like the scan; latencies are the best of `--reps` runs (and >= 3 s) for the same reason. The
-approximate stage (faiss IVF-PQ + exact re-scoring) is compared with the exact scan on structured synthetic
-vectors, where "near" means something, with queries made from stored clips plus noise.
+encoding the query - for one query with each kernel (`matmul`, `fused`) and for a batch of 100, with the index
+held in RAM ("memory") or streamed from the store block by block ("stream"). Every measurement runs in a fresh
+single-thread subprocess so its peak RSS (VmHWM) is its own. The machine's memory bandwidth is measured right
+before each row (the machine is shared, so load varies): the fastest of four single-thread sequential reads of
+a 1 GiB float32 array (numpy sum/max, torch sum/amax), best of 5 each; latencies are the best of `--reps` runs
+(and >= 3 s) for the same reason. The approximate stage (faiss IVF-PQ + exact re-scoring) is compared with the
+exact scan on structured synthetic vectors, where "near" means something, with queries made from stored clips
+plus noise; at 1M the exact side streams from disk.
 
-    .venv/bin/python benchmarks/bench_search.py                       # 1k, 10k, 100k; ANN at 100k
-    .venv/bin/python benchmarks/bench_search.py --sizes 1000000 --modes stream --ann-size 0   # 25 GB on disk
+    .venv/bin/python benchmarks/bench_search.py --ann-size 0          # 1k, 10k, 100k
+    .venv/bin/python benchmarks/bench_search.py --sizes 1000000 --modes stream --ann-size 1000000 --reps 2
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, str]:
     """
     import torch
 
+    torch.set_num_threads(1)  # the scan runs on one thread; torch.sum would otherwise use every core
     x = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
     t = torch.from_numpy(x)
     readers = {"numpy.sum": x.sum, "numpy.max": x.max, "torch.sum": t.sum, "torch.amax": t.amax}
