@@ -159,6 +159,7 @@ def run_pipeline(params: PipelineParams, *, only_if_new: bool) -> dict[str, Any]
         data["visual_fp"],
         data["text_fp"],
         data["digest"],
+        data["annotation_format"],
     )
     challenger = trained["metrics"]
     log.info("challenger on %s: %s", challenger["split"], _format(challenger))
@@ -275,6 +276,7 @@ def _extract(
         **done,
         "annotations": params.annotations,
         "val_annotations": params.val_annotations,
+        "annotation_format": fmt,
         "text_fp": text["fingerprint"],
         "skipped": skipped,
         "digest": _digest({"videos": sorted(usable.items()), "annotations": digests}),
@@ -303,6 +305,7 @@ def _import_bundle(params: PipelineParams, layout: Layout, store: str) -> dict[s
     return {
         "annotations": str(bundle.captions["train"]),
         "val_annotations": str(val),
+        "annotation_format": "mssl",
         "visual_fp": report["visual_fingerprint"],
         "text_fp": report["text_fingerprint"],
         "skipped": skipped,
@@ -319,7 +322,9 @@ def _evaluate_champion(layout: Layout, store: str, data: dict[str, Any], split: 
         return None
     file = data["val_annotations"] if split == "val" and data["val_annotations"] else data["annotations"]
     evaluate = stored_under(evaluate_model_task, layout.results)
-    metrics = evaluate(str(layout.models / version), store, file, split, None, data["digest"])
+    metrics = evaluate(
+        str(layout.models / version), store, file, split, data["annotation_format"], data["digest"]
+    )
     get_run_logger().info("champion %s on %s: %s", version, split, _format(metrics))
     return {"version": version, **metrics}
 

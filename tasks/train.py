@@ -342,16 +342,29 @@ def train_run(
     out_dir: str | Path,
     *,
     val_annotations: str | Path | None = None,
+    annotation_format: str | None = None,
     visual_fp: str | None = None,
     text_fp: str | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole `train` command as a function: returns the test metrics written to metrics.json."""
+    """The whole `train` command as a function: returns the test metrics written to metrics.json.
+
+    `annotation_format` applies to both annotation files (detected from each file's content when None).
+    """
     out = Path(out_dir)
     store = FeatureStore(store_url)
-    ann = read_annotations(annotations, skip_malformed=True)
-    val_ann = read_annotations(val_annotations, skip_malformed=True) if val_annotations else None
+    ann = read_annotations(annotations, annotation_format, skip_malformed=True)
+    val_ann = (
+        read_annotations(val_annotations, annotation_format, skip_malformed=True) if val_annotations else None
+    )
+    for path, read in ((annotations, ann), (val_annotations, val_ann)):
+        if read is not None and not read.queries:
+            first = f"; first: line {read.skipped[0].line}: {read.skipped[0].reason}" if read.skipped else ""
+            raise DataError(
+                f"{path}: no caption could be read as {read.format} "
+                f"({len(read.skipped)} malformed lines skipped{first})"
+            )
     splits = select_splits(ann, val_ann)
     visual_fp, text_fp = pick_fingerprints(store, ann, visual_fp, text_fp)
     check_feature_dims(cfg.model, *store_dims(store, visual_fp, text_fp))

@@ -141,6 +141,7 @@ def train_task(
     visual_fp: str,
     text_fp: str,
     data_digest: str,
+    annotation_format: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate the best epoch and write the run's report; a retry resumes from checkpoints/last.pt.
 
@@ -152,6 +153,7 @@ def train_task(
         annotations,
         run_dir,
         val_annotations=val_annotations,
+        annotation_format=annotation_format,
         visual_fp=visual_fp,
         text_fp=text_fp,
         resume=True,

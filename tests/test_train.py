@@ -178,6 +178,19 @@ def test_dimension_mismatch_fails_before_training(bench, tmp_path):
     assert not (tmp_path / "cli" / "checkpoints").exists()
 
 
+def test_annotation_format_is_honoured_and_a_wrong_one_is_explained(bench, tmp_path, capsys):
+    _, store, _, annotations = bench
+    argv = ["train", "--preset", "demo", "--store", store.url, "--annotations", str(annotations)]
+    argv += ["--out", str(tmp_path / "run"), *(a for k, v in TINY.items() for a in ("--set", f"{k}={v}"))]
+    assert cli_main([*argv, "--format", "charades"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "annotations.jsonl: no caption could be read as charades (120 malformed lines skipped; first: line 1:"
+        in err
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_early_stopping_and_history(bench, tmp_path):
     train_data, val_data = _splits(bench, "train", "val")
     # A zero-ish learning rate cannot improve val SumR after epoch 1, so patience 1 stops after epoch 3.

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from models.config import ConfigError, load_preset, parse_overrides, preset_names
-from storage.annotations import AnnotationError
+from storage.annotations import FORMATS, AnnotationError
 from storage.feature_store import FeatureStoreError
 from tasks.data import DataError
 from tasks.metrics import format_metrics
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-annotations", help="validation captions when --annotations holds no 'val' split"
     )
+    parser.add_argument("--format", choices=FORMATS, help="annotation format (detected when omitted)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)"
     )
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
             args.annotations,
             args.out,
             val_annotations=args.val_annotations,
+            annotation_format=args.format,
             visual_fp=args.visual_fingerprint,
             text_fp=args.text_fingerprint,
             resume=not args.no_resume,
