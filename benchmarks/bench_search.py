@@ -172,7 +172,8 @@ def worker_ann(url: str, reps: int) -> dict:
         "exact_batch_s": _timed(lambda: scanner.topk(queries, 10, WEIGHTS), 1, min_seconds=0),
         "ann_batch_s": _timed(lambda: ann.topk(queries, 10, WEIGHTS), 1),
         "exact_streamed": scanner.vectors is None,
-        "config": str(ann.config),
+        "config": f"{ann.factory}, nprobe {ann.config.nprobe}, "
+        f"{ann.config.candidates_for(index.count)} candidates",
     }
 
 
@@ -187,7 +188,7 @@ def _run_worker(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10_000, 100_000])
     parser.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
     parser.add_argument(
         "--ann-size", type=int, default=100_000, help="gallery for the ANN comparison (0: skip)"
@@ -212,8 +213,9 @@ def main() -> None:
     columns = ["videos", "index (fp16)", "mode", "1 query, matmul (ms)", "1 query, fused (ms)", "ns/video",
                "scan GB/s", "memory GB/s", "ratio fused (matmul)", "batch of 100 (ms/query)", "GFLOP/s",
                "peak extra RSS (MB)"]  # fmt: skip
-    print("| " + " | ".join(columns) + " |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if args.sizes:
+        print("| " + " | ".join(columns) + " |")
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sorted(set(args.sizes)):
         url = str(work / f"{n}.zarr")
         if not Path(url).exists():

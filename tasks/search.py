@@ -143,11 +143,32 @@ class IndexScanner:
 class ApproxConfig:
     """Settings of the optional approximate first stage (a faiss IVF index, inner product)."""
 
-    # 256 coarse cells, 48 sub-quantizers of 4 bits: 24 bytes per vector. 8-bit PQ codes train ~15x slower.
-    factory: str = "IVF256,PQ48x4"
+    # faiss index_factory string; None: 256 coarse cells and 4-bit PQ codes, one sub-quantizer per 8 dims
+    # (d=384: "IVF256,PQ48x4fs", 24 bytes per vector), in faiss's SIMD "fast scan" layout, which scans codes
+    # ~5x faster than plain IVF-PQ at 1M videos. 8-bit PQ codes train ~15x slower.
+    factory: str | None = None
     nprobe: int = 16  # cells visited per query
-    candidates: int = 256  # nearest stored vectors per query; their videos are re-scored exactly
+    # nearest stored vectors per query (their videos are re-scored exactly); None: grows with the gallery, as
+    # near neighbours do - 256 gave recall@10 0.96 at 100k videos but 0.67 at 1M, where 2048 gives 0.975
+    candidates: int | None = None
     train_vectors: int = 65536
+
+    def candidates_for(self, n_videos: int) -> int:
+        return self.candidates or min(4096, max(256, n_videos // 500))
+
+    def factory_for(self, dim: int) -> str:
+        """The factory string; PQ needs sub-quantizers that divide `dim`, so the default picks the most that
+        keep at least 8 dims each."""
+        if self.factory:
+            return self.factory
+        sub = max(m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= min(8, dim))
+        return f"IVF256,PQ{sub}x4fs"
+
+
+def _faiss_reason(error: RuntimeError) -> str:
+    """faiss errors read "Error in <C++ signature> at <file>:<line>: Error: '<check>' failed: <reason>"."""
+    first = str(error).strip().splitlines()[0]
+    return first.rsplit("failed: ", 1)[-1]
 
 
 class ApproximateSearch:
@@ -166,7 +187,13 @@ class ApproximateSearch:
         self.scanner = scanner
         self.config = config or ApproxConfig()
         cfg, index = self.config, scanner.index
-        self.ann = faiss.index_factory(index.dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        self.factory = cfg.factory_for(index.dim)
+        try:
+            self.ann = faiss.index_factory(index.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(
+                f"faiss index {self.factory!r} for {index.dim}-d vectors: {_faiss_reason(e)}"
+            ) from e
         per_video = index.n_clips + 1
         n_train = -(-cfg.train_vectors // per_video)
         picks = np.unique(np.linspace(0, index.count - 1, n_train).astype(np.int64))
@@ -174,8 +201,8 @@ class ApproximateSearch:
             self.ann.train(scanner.gather(picks).reshape(-1, index.dim).float().numpy())
         except RuntimeError as e:  # e.g. fewer vectors than IVF cells: a small index needs no first stage
             raise ValueError(
-                f"the approximate stage {cfg.factory!r} cannot be trained on {index.count} videos "
-                f"({str(e).splitlines()[0]}); search exactly instead"
+                f"the approximate stage {self.factory!r} cannot be trained on {index.count} videos "
+                f"({_faiss_reason(e)}); search exactly instead"
             ) from e
         for start, block in scanner.blocks():
             flat = block.reshape(-1, index.dim).float().numpy()
@@ -184,7 +211,7 @@ class ApproximateSearch:
 
     def topk(self, queries: Tensor, top_k: int, weights: tuple[float, float]) -> TopK:
         """Candidates from the ANN index, then the exact score of each; short lists are padded with -inf."""
-        _, ids = self.ann.search(queries.numpy(), self.config.candidates)
+        _, ids = self.ann.search(queries.numpy(), self.config.candidates_for(self.scanner.index.count))
         alive = self.scanner.alive.numpy()
         shape = (len(queries), top_k)
         out = TopK(

@@ -347,6 +347,36 @@ def test_approximate_stage_rescoring_is_exact_and_finds_the_best(gallery):
         ApproximateSearch(searcher.scanner, ApproxConfig(factory="IVF1024,Flat"))
 
 
+def test_default_approximate_stage_finds_exact_matches_and_scales_its_candidates(tmp_path):
+    """Default fast-scan IVF-PQ over 400 synthetic videos: a query equal to a stored clip finds its video."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 33, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
+    index = VideoIndex.create(str(tmp_path / "ann.zarr"), model_fingerprint="m", dim=64, n_clips=32)
+    ids = [f"v{i}" for i in range(400)]
+    index.append(vectors, np.zeros((400, 32, 2)), ids, ids, ids)
+    scanner = IndexScanner(index)
+    ann = ApproximateSearch(scanner)
+    rows = rng.choice(400, 50, replace=False)
+    queries = torch.from_numpy(vectors[rows, rng.integers(0, 32, 50)])
+    exact, approx = scanner.topk(queries, 5, (0.7, 0.3)), ann.topk(queries, 5, (0.7, 0.3))
+    assert (approx.rows[:, 0] == torch.from_numpy(rows)).float().mean() >= 0.95
+    assert torch.equal(exact.rows[:, 0], torch.from_numpy(rows))
+    found = approx.rows == exact.rows
+    torch.testing.assert_close(approx.scores[found], exact.scores[found], rtol=1e-5, atol=1e-6)
+    assert ann.factory == "IVF256,PQ8x4fs"  # 64-d: 8 sub-quantizers of 8 dims
+    config = ApproxConfig()
+    assert [config.candidates_for(n) for n in (400, 100_000, 1_000_000, 10**8)] == [256, 256, 2000, 4096]
+    assert ApproxConfig(candidates=7).candidates_for(10**6) == 7
+    assert [config.factory_for(d) for d in (384, 100, 7)] == [
+        "IVF256,PQ48x4fs",
+        "IVF256,PQ10x4fs",
+        "IVF256,PQ1x4fs",
+    ]
+    with pytest.raises(ValueError, match=r"faiss index 'IVF256,PQ5x4' for 64-d vectors: .*multiple of"):
+        ApproximateSearch(scanner, ApproxConfig(factory="IVF256,PQ5x4"))
+
+
 def test_encode_for_index_is_normalised_and_batch_independent():
     torch.manual_seed(0)
     model = MamFusion(TINY).eval()
