@@ -71,8 +71,14 @@ def score_matmul(
 
 
 def kernel_cache_dir() -> Path:
-    """Where compiled kernels are kept between runs (`$XDG_CACHE_HOME/mamfusion/kernels`)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mamfusion" / "kernels"
+    """Where compiled kernels are kept between runs: `$XDG_CACHE_HOME/mamfusion/kernels` (default
+    ~/.cache/...), or a per-user folder under the temp dir where that cannot be created (read-only home)."""
+    preferred = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mamfusion" / "kernels"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"mamfusion-kernels-{os.getuid()}"
 
 
 def _compile(source: Path, target: Path) -> None:

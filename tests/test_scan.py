@@ -4,6 +4,7 @@ kernel choice, the build cache, and clear fallbacks where the fused kernel canno
 from __future__ import annotations
 
 import logging
+import os
 import platform
 
 import pytest
@@ -92,6 +93,14 @@ def test_built_kernel_is_cached_between_processes(fresh_kernel_cache, monkeypatc
     scan._native_library.cache_clear()  # as a new process would start
     monkeypatch.setenv("CC", str(fresh_kernel_cache / "no-such-compiler"))
     assert pick_kernel("fused", "float16") == "fused"  # loaded from the cache: no compiler needed
+
+
+def test_unwritable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # mkdir under a file fails
+    monkeypatch.setattr(scan.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert scan.kernel_cache_dir() == tmp_path / "tmp" / f"mamfusion-kernels-{os.getuid()}"
 
 
 def test_missing_compiler_falls_back_or_fails_clearly(fresh_kernel_cache, monkeypatch, caplog):
