@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,19 +35,21 @@ N_TOPICS, POOL = 1024, 65536
 GEN_CHUNK = 4096
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, str]:
-    """Bytes/s of the fastest single-thread sequential read of `gib` GiB of float32 among a few reductions
-    (numpy sum/max, torch sum/amax), best of `repeats` each, and which one it was.
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int = 1) -> tuple[float, str]:
+    """Bytes/s of the fastest sequential read of `gib` GiB of float32 on `threads` threads among a few
+    reductions (numpy sum/max - single-thread only -, torch sum/amax), best of `repeats` each, and which one.
 
     Taking the best of several kernels matters: numpy's pairwise float32 sum alone reads at about half the
     rate torch's vectorised sum does on this machine, and a ratio against a slow reference would flatter us.
     """
     import torch
 
-    torch.set_num_threads(1)  # the scan runs on one thread; torch.sum would otherwise use every core
+    torch.set_num_threads(threads)  # as the scan it is compared with; torch.sum would use every core
     x = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
     t = torch.from_numpy(x)
-    readers = {"numpy.sum": x.sum, "numpy.max": x.max, "torch.sum": t.sum, "torch.amax": t.amax}
+    readers = {"torch.sum": t.sum, "torch.amax": t.amax}
+    if threads == 1:
+        readers |= {"numpy.sum": x.sum, "numpy.max": x.max}
     rates = {}
     for name, read in readers.items():
         best = float("inf")
@@ -131,10 +134,13 @@ def worker_scan(url: str, mode: str, reps: int, batch: bool) -> dict:
     # the same scanner, so RAM holds one copy of the index
     scanner.kernel = pick_kernel("fused", index.dtype)
     fused_single = _timed(lambda: scanner.topk(queries[:1], 10, WEIGHTS), reps)
+    torch.set_num_threads(os.cpu_count() or 1)  # the fused kernel splits blocks over torch's thread count
+    fused_all = _timed(lambda: scanner.topk(queries[:1], 10, WEIGHTS), reps)
     _, peak = _peak_rss_mb()
     return {
         "single_s": single,
         "fused_single_s": fused_single,
+        "fused_all_cores_s": fused_all,
         "batch_s": batch_s,
         "extra_peak_mb": peak - base_rss,
         "nbytes": index.nbytes,
@@ -216,6 +222,7 @@ def main() -> None:
     if args.sizes:
         print("| " + " | ".join(columns) + " |")
         print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cores, all_cores = os.cpu_count() or 1, []
     for n in sorted(set(args.sizes)):
         url = str(work / f"{n}.zarr")
         if not Path(url).exists():
@@ -240,8 +247,18 @@ def main() -> None:
                 f"| {bandwidth / 1e9:.2f} ({reader}) | {ratio} | {batch} | {r['extra_peak_mb']:.0f} |",
                 flush=True,
             )
+            if mode == "memory":
+                all_cores.append((n, r["nbytes"], r["fused_all_cores_s"], *memory_bandwidth(threads=cores)))
         if n != args.ann_size and not args.keep:
             shutil.rmtree(url)
+    if all_cores:
+        print(f"\nIn RAM, one query, fused kernel on all {cores} cores (blocks split over threads):\n")
+        print(f"| videos | ms | scan GB/s | memory GB/s ({cores} threads) | ratio |")
+        print("|---:|---:|---:|---:|---:|")
+        for n, nbytes, seconds, bandwidth, reader in all_cores:
+            gbs = nbytes / seconds / 1e9
+            print(f"| {n:,} | {seconds * 1e3:.1f} | {gbs:.2f} | {bandwidth / 1e9:.2f} ({reader}) "
+                  f"| {gbs * 1e9 / bandwidth:.2f} |")  # fmt: skip
     if args.ann_size:
         url = str(work / f"{args.ann_size}.zarr")
         if not Path(url).exists():

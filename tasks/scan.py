@@ -24,6 +24,7 @@ import platform
 import subprocess
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 Kernel = Literal["auto", "fused", "matmul"]
 SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays in cache for its product
 FUSED_MAX_QUERIES = 4  # from ~8 queries on, one shared conversion + matrix product is as fast (BENCHMARKS.md)
+MIN_VIDEOS_PER_THREAD = 64  # 64 x 33 x 384 halves = 1.6 MB: a thread's share is worth its hand-off
 KERNEL_SOURCE = Path(__file__).with_name("scan_fp16.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
@@ -143,8 +145,20 @@ def _run(
     return scores, best
 
 
-def score_fused(queries: Tensor, block: Tensor, weights: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Same contract as `score_matmul`, for an fp16 block, through the compiled kernel."""
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mamfusion-scan")
+
+
+def score_fused(
+    queries: Tensor, block: Tensor, weights: tuple[float, float], threads: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `score_matmul`, for an fp16 block, through the compiled kernel.
+
+    The block's videos are split over `threads` (default: torch's intra-op thread count, as the matmul kernel
+    uses), each part one kernel call on its own thread - ctypes releases the GIL - so a many-core machine
+    scans at the bandwidth of several cores, as a multi-threaded matrix product would.
+    """
     lib = _native_library()
     if isinstance(lib, KernelUnavailableError):
         raise lib
@@ -152,7 +166,15 @@ def score_fused(queries: Tensor, block: Tensor, weights: tuple[float, float]) ->
         raise TypeError(f"the fused kernel reads fp16 index rows, got {block.dtype}")
     if queries.shape[1] != block.shape[2]:
         raise ValueError(f"queries are {queries.shape[1]}-d, index rows {block.shape[2]}-d")
-    return _run(lib, queries, block, weights)
+    parts = min(threads or torch.get_num_threads(), -(-len(block) // MIN_VIDEOS_PER_THREAD))
+    if parts <= 1:
+        return _run(lib, queries, block, weights)
+    cuts = [len(block) * i // parts for i in range(parts + 1)]
+    pieces = _pool(parts).map(
+        lambda i: _run(lib, queries, block[cuts[i] : cuts[i + 1]], weights), range(parts)
+    )
+    scores, best = zip(*pieces, strict=True)
+    return torch.cat(scores, dim=1), torch.cat(best, dim=1)
 
 
 def pick_kernel(requested: Kernel, dtype: str) -> Literal["fused", "matmul"]:

@@ -78,6 +78,17 @@ def test_fused_kernel_reads_non_contiguous_and_refuses_wrong_inputs():
         score_fused(queries[:, :24], vectors.half(), WEIGHTS)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 64])
+def test_fused_kernel_split_over_threads_gives_the_same_bits(threads):
+    vectors, _ = _gallery(n=200, rows=9, d=40, seed=6)
+    stored = vectors.half()
+    queries = normalize(torch.randn(2, 40, generator=torch.Generator().manual_seed(7)), dim=-1)
+    one = score_fused(queries, stored, WEIGHTS, threads=1)
+    split = score_fused(queries, stored, WEIGHTS, threads=threads)  # 200 videos: at most 4 parts of >= 50
+    assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
+    assert split[0].shape == (2, 200)
+
+
 def test_kernel_choice():
     assert pick_kernel("auto", "float16") == "fused"
     assert pick_kernel("auto", "float32") == "matmul"
