@@ -105,12 +105,23 @@ def _compile(source: Path, target: Path) -> None:
         os.replace(built, target)  # atomic: a concurrent process loads a whole library or builds its own
 
 
+def cpu_signature() -> str:
+    """The CPU's instruction-set flags: `-march=native` builds for exactly these, so a library built on one
+    machine (say, a shared home directory on a cluster) must not be loaded on a CPU that lacks one of them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
 @functools.cache
 def _native_library() -> ctypes.CDLL | KernelUnavailableError:
     """The compiled fused kernel (built once per machine and source version), checked on a probe block
     against `score_matmul`; or why it is unavailable."""
     source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode() + platform.machine().encode()).hexdigest()
+    build = " ".join([*COMPILE_FLAGS, platform.machine(), cpu_signature()])
+    key = hashlib.sha256(source + build.encode()).hexdigest()
     target = kernel_cache_dir() / f"scan_fp16-{key[:16]}.so"
     try:
         if not target.exists():

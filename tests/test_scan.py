@@ -97,13 +97,18 @@ def test_kernel_choice():
         pick_kernel("fused", "float32")
 
 
-def test_built_kernel_is_cached_between_processes(fresh_kernel_cache, monkeypatch):
+def test_built_kernel_is_cached_between_processes_of_the_same_cpu(fresh_kernel_cache, monkeypatch):
     assert pick_kernel("fused", "float16") == "fused"
     built = list(scan.kernel_cache_dir().glob("scan_fp16-*.so"))
     assert len(built) == 1 and scan.kernel_cache_dir().is_relative_to(fresh_kernel_cache)
+    assert "avx" in scan.cpu_signature() or platform.machine() != "x86_64"
     scan._native_library.cache_clear()  # as a new process would start
     monkeypatch.setenv("CC", str(fresh_kernel_cache / "no-such-compiler"))
     assert pick_kernel("fused", "float16") == "fused"  # loaded from the cache: no compiler needed
+    scan._native_library.cache_clear()  # the same home directory seen from a CPU with other flags
+    monkeypatch.setattr(scan, "cpu_signature", lambda: "flags : fpu sse2")
+    with pytest.raises(KernelUnavailableError, match="could not run"):  # must build its own: no compiler
+        pick_kernel("fused", "float16")
 
 
 def test_unwritable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
