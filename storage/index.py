@@ -313,7 +313,7 @@ class VideoIndex:
         """
         rows, url = np.asarray(rows, dtype=np.int64), self.url
         if len(rows) and (rows.min() < 0 or rows.max() >= self.count):
-            raise IndexError(f"{self.url}: rows must be in [0, {self.count}), got {rows.min()}..{rows.max()}")
+            raise IndexError(f"{url}: rows must be in [0, {self.count}), got {rows.min()}..{rows.max()}")
         array = self._group["vectors"]
         tail = (self.n_clips + 1, self.dim)
         dtype = np.dtype(self.dtype).newbyteorder("<")
@@ -329,10 +329,10 @@ class VideoIndex:
             if raw is None:  # never written: zarr's fill value
                 out[i] = 0
                 return
-            got = np.frombuffer(raw.as_buffer_like(), dtype=dtype)
-            if got.size != tail[0] * tail[1]:
+            data = raw.as_buffer_like()
+            if len(data) != row_bytes:
                 raise IndexFormatError(f"{url}: chunk {chunk} is truncated at row {offset}; rebuild it")
-            out[i] = got.reshape(tail)
+            out[i] = np.frombuffer(data, dtype=dtype).reshape(tail)
 
         async def read_all() -> None:
             await gather_limited(read(i, row) for i, row in enumerate(rows))

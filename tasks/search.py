@@ -154,6 +154,7 @@ class ApproxConfig:
     train_vectors: int = 65536
 
     def candidates_for(self, n_videos: int) -> int:
+        """Candidates for a gallery of `n_videos`: the set value, or 1 per 500 videos within 256..4096."""
         return self.candidates or min(4096, max(256, n_videos // 500))
 
     def factory_for(self, dim: int) -> str:
@@ -224,8 +225,7 @@ class ApproximateSearch:
             rows = rows[alive[rows]]
             if not len(rows):
                 continue
-            block = self.scanner.gather(rows).float()
-            scores, clips = score_matmul(queries[i : i + 1], block, weights)
+            scores, clips = score_matmul(queries[i : i + 1], self.scanner.gather(rows), weights)
             top, pos = scores[0].topk(min(top_k, len(rows)))
             out.scores[i, : len(top)] = top
             out.rows[i, : len(top)] = torch.from_numpy(rows)[pos]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,29 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.skip(f"real test data not found at {REALDATA} (set MAMFUSION_SHARED)")
     return REALDATA
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real S3 API on loopback (moto's threaded server) with a new empty bucket: ("s3://<bucket>", options).
+
+    Bucket names are unique: moto keeps its state per process, across servers.
+    """
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "test")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"endpoint_url": f"http://{host}:{port}", "key": "test", "secret": "test"}
+        bucket = f"test-{uuid.uuid4().hex[:12]}"
+        S3FileSystem(**options).mkdir(bucket)
+        yield f"s3://{bucket}", options
+    finally:
+        server.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

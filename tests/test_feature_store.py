@@ -437,30 +437,19 @@ def test_concurrent_writer_processes_do_not_corrupt_the_store(tmp_path: Path) ->
 
 
 def test_s3_store_through_a_loopback_s3_server(
-    monkeypatch: pytest.MonkeyPatch, small_pack_chunks: None
+    s3_bucket: tuple[str, dict[str, str]], small_pack_chunks: None
 ) -> None:
     """The same store on a real S3 API (moto's server on 127.0.0.1): nothing needs a local filesystem."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "test")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "test", "secret": "test"}
-        s3fs.S3FileSystem(**options).mkdir("features")
-        store = FeatureStore("s3://features/store", storage_options=options)
-        store.register_extractor(FP, kind="visual", dim=DIM, config={})
-        write_videos(store, range(4))
-        store.pack(FP)
-        store.write_video(sha(1), FP, feats(1, value=3.0), times(len(feats(1))))  # replaces a packed entry
-        fresh = pickle.loads(pickle.dumps(store))
-        got = fresh.read_videos(FP, [sha(3), sha(1), sha(0)])
-        np.testing.assert_array_equal(got[0].features, feats(3))
-        np.testing.assert_array_equal(got[1].features, feats(1, value=3.0))
-        assert fresh.resolve_video_ids(FP, ["vid2"]) == {"vid2": sha(2)}
-        assert fresh.gc(min_age_s=0).stages_removed == 1
-        assert_video(fresh, 0)
-    finally:
-        server.stop()
+    bucket, options = s3_bucket
+    store = FeatureStore(f"{bucket}/store", storage_options=options)
+    store.register_extractor(FP, kind="visual", dim=DIM, config={})
+    write_videos(store, range(4))
+    store.pack(FP)
+    store.write_video(sha(1), FP, feats(1, value=3.0), times(len(feats(1))))  # replaces a packed entry
+    fresh = pickle.loads(pickle.dumps(store))
+    got = fresh.read_videos(FP, [sha(3), sha(1), sha(0)])
+    np.testing.assert_array_equal(got[0].features, feats(3))
+    np.testing.assert_array_equal(got[1].features, feats(1, value=3.0))
+    assert fresh.resolve_video_ids(FP, ["vid2"]) == {"vid2": sha(2)}
+    assert fresh.gc(min_age_s=0).stages_removed == 1
+    assert_video(fresh, 0)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from storage.index import (
@@ -17,6 +18,7 @@ from storage.index import (
     model_fingerprint,
     read_features_json,
 )
+from tasks.scan import scan_topk
 
 DIM, CLIPS = 8, 4
 
@@ -202,40 +204,36 @@ def test_model_dir_errors(tmp_path):
         read_features_json(model)
 
 
-def test_index_on_a_loopback_s3_server(monkeypatch):
+def test_index_on_a_loopback_s3_server(s3_bucket):
     """Create, append, tombstone, stream and read scattered rows through a real S3 API (moto on 127.0.0.1)."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    import torch
+    bucket, options = s3_bucket
+    url = f"{bucket}/model-a/index.zarr"
+    index = VideoIndex.create(
+        url, model_fingerprint="fp-a", dim=DIM, n_clips=CLIPS, chunk_rows=4, storage_options=options
+    )
+    vectors, *rest = _rows(np.random.default_rng(8), 10)
+    index.append(vectors, *rest)
+    index.remove([2])
+    index.set_complete(True)
+    remote = VideoIndex.open(url, storage_options=options)
+    stored = vectors.astype(np.float16)
+    assert remote.count == 10 and remote.complete and not remote.rows().alive[2]
+    np.testing.assert_array_equal(remote.read_rows(np.array([9, 0, 5])), stored[[9, 0, 5]])
+    blocks = [(start, torch.from_numpy(block.copy())) for start, block in remote.iter_vectors()]
+    np.testing.assert_array_equal(np.concatenate([b.numpy() for _, b in blocks]), stored)
+    query = torch.nn.functional.normalize(torch.from_numpy(vectors[4, 1:2]), dim=-1)
+    alive = torch.from_numpy(remote.rows().alive)
+    top = scan_topk(query, blocks, alive, 3, (0.7, 0.3))
+    local = scan_topk(query, [(0, torch.from_numpy(stored))], alive, 3, (0.7, 0.3))
+    assert torch.equal(top.rows, local.rows) and 2 not in top.rows[0].tolist()
 
-    from tasks.scan import scan_topk
 
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "test")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "test", "secret": "test"}
-        s3fs.S3FileSystem(**options).mkdir("indexes")
-        url = "s3://indexes/model-a/index.zarr"
-        index = VideoIndex.create(
-            url, model_fingerprint="fp-a", dim=DIM, n_clips=CLIPS, chunk_rows=4, storage_options=options
-        )
-        vectors, *rest = _rows(np.random.default_rng(8), 10)
-        index.append(vectors, *rest)
-        index.remove([2])
-        index.set_complete(True)
-        remote = VideoIndex.open(url, storage_options=options)
-        stored = vectors.astype(np.float16)
-        assert remote.count == 10 and remote.complete and not remote.rows().alive[2]
-        np.testing.assert_array_equal(remote.read_rows(np.array([9, 0, 5])), stored[[9, 0, 5]])
-        blocks = [(start, torch.from_numpy(block.copy())) for start, block in remote.iter_vectors()]
-        np.testing.assert_array_equal(np.concatenate([b.numpy() for _, b in blocks]), stored)
-        query = torch.nn.functional.normalize(torch.from_numpy(vectors[4, 1:2]), dim=-1)
-        alive = torch.from_numpy(remote.rows().alive)
-        top = scan_topk(query, blocks, alive, 3, (0.7, 0.3))
-        local = scan_topk(query, [(0, torch.from_numpy(stored))], alive, 3, (0.7, 0.3))
-        assert torch.equal(top.rows, local.rows) and 2 not in top.rows[0].tolist()
-    finally:
-        server.stop()
+def test_read_rows_reports_a_truncated_chunk(tmp_path):
+    index = _new(str(tmp_path / "idx.zarr"), "float32", chunk_rows=4)
+    vectors, *rest = _rows(np.random.default_rng(9), 8)
+    index.append(vectors, *rest)
+    chunk = tmp_path / "idx.zarr" / "vectors" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[: 2 * (CLIPS + 1) * DIM * 4 + 10])  # rows 4, 5 whole; row 6 cut
+    np.testing.assert_array_equal(index.read_rows(np.array([5])), vectors[[5]])
+    with pytest.raises(IndexFormatError, match=r"idx.zarr: chunk 1 is truncated at row 2; rebuild it"):
+        index.read_rows(np.array([6]))

@@ -129,6 +129,14 @@ def test_missing_compiler_falls_back_or_fails_clearly(fresh_kernel_cache, monkey
         pick_kernel("fused", "float16")
 
 
+def test_a_kernel_that_disagrees_with_matmul_is_not_used(fresh_kernel_cache, monkeypatch, caplog):
+    real = scan.score_matmul
+    monkeypatch.setattr(scan, "score_matmul", lambda *a, **k: (real(*a, **k)[0] + 1e-3, real(*a, **k)[1]))
+    with caplog.at_level(logging.WARNING, logger="tasks.scan"):
+        assert pick_kernel("auto", "float16") == "matmul"
+    assert "gives wrong scores; delete it to rebuild" in caplog.text
+
+
 def test_compiler_errors_are_reported(fresh_kernel_cache, monkeypatch):
     fake = fresh_kernel_cache / "fakecc"
     fake.write_text("#!/bin/sh\necho 'scan_fp16.c:1:1: error: this compiler is broken' >&2\nexit 1\n")
