@@ -14,6 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from storage.errors import MamFusionError
+
+USER_ERROR = 2  # exit code of every command for bad input, missing files, damaged stores, invalid config
+
 # command name -> module under flows.commands
 COMMANDS: dict[str, str] = {
     "catalog": "catalog",
@@ -64,7 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except MamFusionError as exc:  # a user error: one line, no traceback (bugs keep theirs)
+        print(f"{args.command}: {clean_message(exc)}", file=sys.stderr)
+        return USER_ERROR
+
+
+def clean_message(exc: BaseException) -> str:
+    """The error's message on one line, without control characters (decoder logs carry NULs)."""
+    text = "".join(c if c.isprintable() else " " for c in str(exc).replace("\n", " "))
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

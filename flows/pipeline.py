@@ -38,6 +38,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.params import DEMO_ROOT, PipelineParams
 from storage.catalog import sha256_file, write_text_atomic
+from storage.errors import MamFusionError
 from storage.mssl import locate_bundle
 from tasks.profiles import feature_profile, visual_fingerprint
 from tasks.publish import new_version, read_current
@@ -60,7 +61,7 @@ MAX_THREADS = 32  # the runner's cap; `extract_concurrency` bounds extraction be
 METRIC_KEYS = ("r1", "r5", "r10", "r100", "sumr")
 
 
-class NoUsableVideosError(RuntimeError):
+class NoUsableVideosError(MamFusionError, RuntimeError):
     """Nothing to train on: the folder has no video, or every video was skipped."""
 
 

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.errors import MamFusionError
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = "deployments/prefect.yaml"
 POOL = "local-pool"
@@ -31,7 +33,7 @@ STATE_FILE = "mamfusion-local.json"
 SERVER_START_TIMEOUT_S = 240.0
 
 
-class LocalServerError(RuntimeError):
+class LocalServerError(MamFusionError, RuntimeError):
     """A Prefect CLI step or the server start failed; the message says which and shows its output."""
 
 

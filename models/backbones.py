@@ -26,6 +26,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from storage.errors import MamFusionError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -33,7 +35,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(MamFusionError, FileNotFoundError):
     """Pretrained weights are neither on disk nor downloadable; the message says how to provide them."""
 
 

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from models.mamfusion import MamFusion
+from storage.errors import MamFusionError
 
 logger = logging.getLogger(__name__)
 
 DEAD_PREFIXES = ("v2t_fusion.vid_embed_proj.", "t2v_fusion.vid_embed_proj.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MamFusionError, ValueError):
     """An official checkpoint does not match the model; the message names the offending keys."""
 
 

@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from storage.errors import MamFusionError
 
-class ConfigError(ValueError):
+
+class ConfigError(MamFusionError, ValueError):
     """A configuration value is invalid; the message names the field and the reason."""
 
 

@@ -35,6 +35,8 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import StorePath
 
+from storage.errors import MamFusionError
+
 T = TypeVar("T")
 
 MAX_CONCURRENT = 64  # entries read or written at once (each is a few small objects)
@@ -42,7 +44,7 @@ _PROTOTYPE = default_buffer_prototype()
 _STAGE = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")
 
 
-class FeatureStoreError(Exception):
+class FeatureStoreError(MamFusionError):
     """Base class of feature-store errors: the store is unusable, damaged, or given invalid input."""
 
 

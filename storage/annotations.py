@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.catalog import write_text_atomic
+from storage.errors import MamFusionError
 
 FORMATS = ("activitynet", "charades", "tvr", "mssl", "csv", "jsonl")
 OWN_REQUIRED = ("video_id", "start", "end", "caption")
@@ -36,7 +37,7 @@ _MSSL_HEAD = re.compile(r"^\S+#enc#\d+\s")
 _CONTENT_PREVIEW = 200
 
 
-class AnnotationError(ValueError):
+class AnnotationError(MamFusionError, ValueError):
     """A malformed annotation entry or file: `path`, 1-based `line`, and `reason`."""
 
     def __init__(self, path: str | os.PathLike[str], line: int, reason: str) -> None:

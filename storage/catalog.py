@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, Any
 
+from storage.errors import MamFusionError
+
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm"})
@@ -43,7 +45,7 @@ _DOT_RUNS = re.compile(r"\.{2,}")
 _SAFE_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
-class CatalogError(ValueError):
+class CatalogError(MamFusionError, ValueError):
     """A catalog file that cannot be trusted (bad JSON, wrong field type); names the file and the field."""
 
 

@@ -27,6 +27,8 @@ import av
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from storage.errors import MamFusionError
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
@@ -76,7 +78,7 @@ def check_min_max(config: BaseModel, *pairs: tuple[str, str]) -> None:
 SplitFractions = Annotated[tuple[float, float, float], AfterValidator(_check_fractions)]
 
 
-class DemoCorpusError(ValueError):
+class DemoCorpusError(MamFusionError, ValueError):
     """The output folder cannot take a demo corpus (it holds other files)."""
 
 

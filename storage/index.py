@@ -35,6 +35,7 @@ from zarr.core.sync import sync
 
 from storage._zarr_entries import gather_limited
 from storage.catalog import sha256_file
+from storage.errors import MamFusionError
 
 FORMAT = "mamfusion-index"
 VERSION = 1
@@ -45,7 +46,7 @@ _BUFFERS = default_buffer_prototype()
 T = TypeVar("T")
 
 
-class SearchIndexError(Exception):
+class SearchIndexError(MamFusionError):
     """Base of every index problem; the message says which index and what to do."""
 
 

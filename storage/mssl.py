@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from storage.annotations import AnnotationSet, QueryRecord, read_annotations
+from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _WRITE_THREADS = 8
 _BATCH = 256  # videos or captions held in memory at once
 
 
-class MsslFormatError(ValueError):
+class MsslFormatError(MamFusionError, ValueError):
     """A bundle file that is missing or malformed: `path` and `reason`."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:

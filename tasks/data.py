@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from models.config import ExperimentConfig, MamFusionConfig
 from models.preprocess import QueryBatch, VideoBatch, collate_queries, collate_videos
 from storage.annotations import AnnotationSet, QueryRecord
+from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(MamFusionError, ValueError):
     """The data cannot be used as asked (no split, ambiguous fingerprints, wrong feature size)."""
 
 

@@ -27,8 +27,10 @@ from typing import Literal
 import decord
 import numpy as np
 
+from storage.errors import MamFusionError
 
-class DecodeError(Exception):
+
+class DecodeError(MamFusionError):
     """A video that cannot be decoded (fully or part-way); `reason` says why."""
 
     def __init__(self, path: str | Path, reason: str) -> None:

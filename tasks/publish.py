@@ -23,6 +23,7 @@ from typing import Any
 
 from storage.annotations import read_annotations
 from storage.catalog import write_text_atomic
+from storage.errors import MamFusionError
 from tasks.evaluate import evaluate_saved_run
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ PUBLISH_FILE = "publish.json"
 _NOT_PUBLISHED = ("checkpoints",)  # optimiser state for resuming; not part of a model
 
 
-class PublishError(RuntimeError):
+class PublishError(MamFusionError, RuntimeError):
     """The models folder is not in a state we can publish into (e.g. `current` names a missing version)."""
 
 

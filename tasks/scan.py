@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from storage.errors import MamFusionError
+
 log = logging.getLogger(__name__)
 
 Kernel = Literal["auto", "fused", "matmul"]
@@ -42,7 +44,7 @@ KERNEL_SOURCE = Path(__file__).with_name("scan_fp16.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(MamFusionError, RuntimeError):
     """The fused kernel was asked for but cannot be built here (no C compiler, no fp16 vector support)."""
 
 

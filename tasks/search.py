@@ -29,6 +29,7 @@ from models.mamfusion import MamFusion
 from models.preprocess import clip_spans, collate_queries, collate_videos
 from models.text_backbones import TextEncoder
 from storage.catalog import Catalog
+from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
 from storage.index import (
     DEFAULT_CHUNK_ROWS,
@@ -47,7 +48,7 @@ INDEX_DIRNAME = "index.zarr"
 MAX_QUERY_CHARS = 1000  # a guard, not a model limit: tokens past max_desc_l are dropped as in training
 
 
-class QueryError(ValueError):
+class QueryError(MamFusionError, ValueError):
     """A query the searcher refuses (empty or too long); the message says which and why."""
 
 
