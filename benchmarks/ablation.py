@@ -19,6 +19,7 @@ import torch
 from models.config import load_preset
 from models.mamfusion import MamFusion
 from storage.feature_store import FeatureStore
+from storage.registry import RunDir
 from storage.synthetic import SyntheticConfig, make_synthetic_benchmark, write_to_store
 from tasks.data import load_split
 from tasks.evaluate import evaluate
@@ -57,12 +58,12 @@ def main() -> None:
             cfg = load_preset("demo", base | overrides | {"seed": seed})
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
-                train(cfg, train_data, val_data, out, progress=False)
+                train(cfg, train_data, val_data, RunDir(out), progress=False)
                 secs.append(time.perf_counter() - t0)
                 runs.append(evaluate(MamFusion.from_pretrained(out), test_data, details=False).metrics)
         cells = []
         for k in KEYS:
-            values = [r[k] for r in runs]
+            values = [getattr(r, k) for r in runs]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
         print(f"| {name} | {' | '.join(cells)} | {statistics.mean(secs):.0f} |")

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "search": "search",
     "pipeline": "pipeline",
     "server": "server",
+    "store": "store",
 }
 
 

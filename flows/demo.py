@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from flows.server import LocalPrefect, down, run_deployment, up
 from models.config import parse_overrides
 from storage.annotations import read_annotations
 from storage.demo_corpus import generate_demo_corpus
-from tasks.publish import read_current
+from storage.registry import ModelRegistry, RegistryError
+from tasks.metrics import format_metrics
 from tasks.search import Searcher
 
 N_EXAMPLES = 3
@@ -44,22 +44,19 @@ def pipeline_params(out: Path, corpus_videos: str, annotations: str, overrides: 
         "output": str(out / "pipeline"),
         "profile": "lite",
         "preset": "demo",
+        "demo": True,
         "overrides": parse_overrides(overrides),
     }
 
 
 def show_results(models_dir: Path, annotations: str) -> None:
     """Metrics and report of the current model, then searches for a few test captions."""
-    version = read_current(models_dir)
-    model_dir = models_dir / version
-    metrics = json.loads((model_dir / "metrics.json").read_text())
-    print(f"\ncurrent model {version}, evaluated on split {metrics['split']!r}:")
-    print(
-        "  "
-        + "  ".join(f"R@{k} {metrics[f'r{k}']:.1f}" for k in (1, 5, 10, 100))
-        + f"  SumR {metrics['sumr']:.1f}"
-    )
-    print(f"report: {model_dir / 'report.md'}")
+    model_dir = ModelRegistry(models_dir).current()
+    if model_dir is None:
+        raise RegistryError(f"{models_dir}: no current model after the pipeline run")
+    print(f"\ncurrent model {model_dir.version}:")
+    print(format_metrics(model_dir.read_metrics()))
+    print(f"report: {model_dir.report_file}")
     queries = read_annotations(annotations).split("test").queries[:N_EXAMPLES]
     searcher = Searcher.from_model_dir(model_dir)
     for query, hits in zip(queries, searcher.search([q.text for q in queries], top_k=3), strict=True):

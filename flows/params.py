@@ -1,8 +1,9 @@
 """The one validated parameter model of the `mamfusion` flows (what the Prefect UI renders as a form).
 
-Defaults point at the demo corpus under `demo_out/` (relative paths are read from the working directory,
-which the deployments set to the repository root), so `prefect deployment run mamfusion/full-pipeline` works
-as typed: with the default `videos` folder missing, the flow generates the demo corpus there first.
+A production run names its data: `videos` + `annotations`, or an `mssl` bundle; nothing is assumed. The
+demo is an explicit choice, `demo: true` (the `mamfusion/demo` deployment): the bundled demo corpus under
+`demo_out/`, generated first when missing. Relative paths are read from the working directory, which the
+deployments set to the repository root.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ class PipelineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    videos: str | None = Field(DEFAULT_VIDEOS, description="folder of videos (scanned recursively)")
+    demo: bool = Field(False, description="use the bundled demo corpus (generated when missing)")
+    videos: str | None = Field(None, description="folder of videos (scanned recursively)")
     mssl: MsslSource | None = Field(None, description="MS-SL bundle to train on instead of `videos`")
     annotations: str | None = Field(
-        DEFAULT_ANNOTATIONS, description="captions with train/val[/test] splits (ignored with `mssl`)"
+        None, description="captions with train/val[/test] splits (ignored with `mssl`)"
     )
     annotation_format: Literal[FORMATS] | None = Field(None, description="detected when empty")  # type: ignore[valid-type]
     val_annotations: str | None = Field(
@@ -59,8 +61,16 @@ class PipelineParams(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineParams:
+        if self.demo:
+            if self.mssl is not None:
+                raise ValueError("`demo` uses the demo corpus; leave `mssl` empty")
+            self.videos = self.videos or DEFAULT_VIDEOS
+            self.annotations = self.annotations or DEFAULT_ANNOTATIONS
         if (self.videos is None) == (self.mssl is None):
-            raise ValueError("give exactly one source: `videos` (a folder) or `mssl` (a bundle)")
+            raise ValueError(
+                "give exactly one source: `videos` (a folder, with `annotations`) or `mssl` (a bundle); "
+                "for the bundled demo corpus set `demo: true`"
+            )
         if self.videos is not None and self.annotations is None:
             raise ValueError("`annotations` is required with a video folder")
         self.experiment()  # fail at submission, not after extraction
@@ -73,12 +83,6 @@ class PipelineParams(BaseModel):
             return load_preset(self.preset, {**self.overrides, **extra})
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-
-    def is_default_demo(self) -> bool:
-        default = (Path(DEFAULT_VIDEOS).absolute(), Path(DEFAULT_ANNOTATIONS).absolute())
-        return (
-            self.mssl is None and (Path(self.videos).absolute(), Path(self.annotations).absolute()) == default
-        )
 
     def resolved(self) -> PipelineParams:
         """Paths made absolute against the working directory, so task inputs mean the same everywhere."""

@@ -39,10 +39,22 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows.params import DEMO_ROOT, PipelineParams
 from storage.catalog import sha256_file, write_text_atomic
 from storage.errors import MamFusionError
-from storage.mssl import locate_bundle
-from tasks.profiles import feature_profile, visual_fingerprint
-from tasks.publish import new_version, read_current
+from storage.mssl import MsslFormatError, locate_bundle
+from storage.registry import (
+    ModelDir,
+    ModelRegistry,
+    RecallTable,
+    RetrievalMetrics,
+    RunDir,
+    Skipped,
+    new_version,
+)
+from tasks.metrics import describe_gallery, format_metrics
+from tasks.profiles import FeatureProfile, feature_profile, visual_fingerprint
+from tasks.publish import PublishOutcome
+from tasks.train import TrainRequest
 from tasks.wrappers import (
+    ScanOutcome,
     build_index_task,
     demo_corpus_task,
     evaluate_model_task,
@@ -58,7 +70,6 @@ from tasks.wrappers import (
 FLOW_NAME = "mamfusion"
 DEMO_VIDEOS = 48
 MAX_THREADS = 32  # the runner's cap; `extract_concurrency` bounds extraction below it
-METRIC_KEYS = ("r1", "r5", "r10", "r100", "sumr")
 
 
 class NoUsableVideosError(MamFusionError, RuntimeError):
@@ -111,13 +122,29 @@ class Layout:
 
 
 @flow(name=FLOW_NAME, task_runner=default_task_runner(), description="scan, extract, train, publish, index")
-def full_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # noqa: B008
+def full_pipeline(params: PipelineParams) -> dict[str, Any]:
     return run_pipeline(params, only_if_new=False)
 
 
 @flow(name=FLOW_NAME, task_runner=default_task_runner(), description="retrain only when the folder changed")
-def retrain_on_new_videos(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # noqa: B008
+def retrain_on_new_videos(params: PipelineParams) -> dict[str, Any]:
     return run_pipeline(params, only_if_new=True)
+
+
+@dataclass(frozen=True)
+class PipelineData:
+    """What training needs from the extraction (or import) step, and what it skipped."""
+
+    annotations: str
+    val_annotations: str | None
+    annotation_format: str | None
+    visual_fp: str
+    text_fp: str
+    skipped: list[Skipped]
+    digest: str  # of the videos (ids, content), caption files and extractors: keys the run
+    gallery: tuple[str, ...] = ()  # every usable catalogued video, distractors for small test galleries
+    extracted: tuple[str, ...] = ()
+    cached: tuple[str, ...] = ()
 
 
 def run_pipeline(params: PipelineParams, *, only_if_new: bool) -> dict[str, Any]:
@@ -126,78 +153,89 @@ def run_pipeline(params: PipelineParams, *, only_if_new: bool) -> dict[str, Any]
     params = params.resolved()
     layout = Layout(Path(params.output))
     layout.output.mkdir(parents=True, exist_ok=True)
+    registry = ModelRegistry(layout.models)
     store = params.store
     profile = feature_profile(
         params.profile, visual={"device": params.device}, text={"device": params.device}
     )
+    scan: ScanOutcome | None = None
     if params.mssl is not None:
         data = _import_bundle(params, layout, store)
-        scan = None
     else:
         _ensure_demo_corpus(params)
         scan = scan_catalog_task(params.videos, str(layout.catalog), str(layout.baseline))
         digests = _annotation_digests(params.annotations, params.val_annotations)
-        if only_if_new and _nothing_new(layout, scan, digests):
+        if only_if_new and _nothing_new(layout, registry, scan, digests):
             log.info("nothing new under %s since the last run: no extraction, no training", params.videos)
-            return {"status": "nothing-new", "current": read_current(layout.models)}
+            return {"status": "nothing-new", "current": registry.current_version()}
         log.info(
             "catalog: %d readable, %d unreadable; new %d, changed %d, removed %d",
-            len(scan["readable"]),
-            len(scan["unreadable"]),
-            *(len(scan[k]) for k in ("new", "changed", "removed")),
+            len(scan.readable),
+            len(scan.skipped),
+            len(scan.new),
+            len(scan.changed),
+            len(scan.removed),
         )
         data = _extract(params, layout, scan, json.loads(profile.model_dump_json()), store, digests)
-        data["visual_fp"] = visual_fingerprint(profile.visual)
 
     cfg = params.experiment()
-    run_key = _digest({"config": cfg.model_dump(mode="json"), "data": data["digest"]})[:16]
-    trained = stored_under(train_task, layout.results)(
-        cfg.model_dump(mode="json"),
-        store,
-        data["annotations"],
-        data["val_annotations"],
-        str(layout.runs / run_key),
-        data["visual_fp"],
-        data["text_fp"],
-        data["digest"],
-        data["annotation_format"],
+    run_key = _digest({"config": cfg.model_dump(mode="json"), "data": data.digest})[:16]
+    request = TrainRequest(
+        config=cfg,
+        store=store,
+        annotations=data.annotations,
+        run_dir=str(layout.runs / run_key),
+        val_annotations=data.val_annotations,
+        annotation_format=data.annotation_format,
+        visual_fingerprint=data.visual_fp,
+        text_fingerprint=data.text_fp,
+        extra_gallery=data.gallery,
     )
-    challenger = trained["metrics"]
-    log.info("challenger on %s: %s", challenger["split"], _format(challenger))
-    champion = _evaluate_champion(layout, store, data, challenger["split"])
+    trained = stored_under(train_task, layout.results)(request, data.digest)
+    challenger = trained.metrics
+    log.info("challenger %s", format_metrics(challenger).replace("\n", "; "))
+    for warning in challenger.training.warnings:
+        log.warning("model selection: %s", warning)
+    champion = _evaluate_champion(layout, registry, request, challenger.split, data.digest)
     version = new_version(str(flow_run.id or uuid.uuid4()))
-    decision = publish_task(trained["run_dir"], str(layout.models), version, challenger, champion)
-    log.info("publish %s: %s", version, decision["reason"])
-    current_dir = str(layout.models / decision["current"])
+    outcome = publish_task(trained.run_dir, str(layout.models), version, challenger, request, champion)
+    log.info("publish: %s", outcome.reason)
     index = None
     if scan is not None:
         if params.build_index:
-            index = build_index_task(current_dir, store, scan["catalog"])
-            log.info("index %s: %d added, %d kept", index["index_url"], index["added"], index["kept"])
+            index = build_index_task(str(layout.models / outcome.current), store, scan.catalog)
+            log.info(
+                "index %s: %d added, %d removed, %d kept",
+                index.index_url,
+                len(index.added),
+                len(index.removed),
+                index.kept,
+            )
         _accept_baseline(layout, digests)
-    _artifacts(decision, challenger, champion, data["skipped"])
+    model = registry.model(outcome.version or outcome.current)
+    _artifacts(outcome, model, challenger, data.skipped)
     return {
-        "status": "published",
-        "version": version,
-        "promoted": decision["promoted"],
-        "reason": decision["reason"],
-        "current": decision["current"],
-        "model_dir": decision["model_dir"],
-        "report": str(Path(decision["model_dir"]) / "report.md"),
-        "metrics": {k: challenger[k] for k in ("split", *METRIC_KEYS)},
-        "extracted": data.get("extracted", []),
-        "cached": data.get("cached", []),
-        "skipped": data["skipped"],
-        "index": index,
+        "status": "published" if outcome.published else "unchanged",
+        "version": outcome.version,
+        "promoted": outcome.promoted,
+        "reason": outcome.reason,
+        "current": outcome.current,
+        "model_dir": str(model.path),
+        "report": str(model.report_file),
+        "metrics": challenger.model_dump(mode="json"),
+        "extracted": list(data.extracted),
+        "cached": list(data.cached),
+        "skipped": [s.model_dump() for s in data.skipped],
+        "index": None if index is None else index.to_dict(),
     }
 
 
 # ------------------------------------------------------------------------------------------------- steps
 def _ensure_demo_corpus(params: PipelineParams) -> None:
-    """`prefect deployment run mamfusion/full-pipeline` as typed: make the default demo corpus if absent."""
-    if params.is_default_demo() and not Path(params.videos).is_dir():
+    """`demo: true`: make the default demo corpus if it is absent (never for a production run)."""
+    if params.demo and not Path(params.videos).is_dir():
         get_run_logger().info("no videos at %s: generating the demo corpus", params.videos)
-        demo_corpus_task(str(Path(DEMO_ROOT) / "corpus"), DEMO_VIDEOS)
+        demo_corpus_task(str(Path(DEMO_ROOT).absolute() / "corpus"), DEMO_VIDEOS)
 
 
 def _annotation_digests(annotations: str, val_annotations: str | None) -> dict[str, str | None]:
@@ -207,9 +245,11 @@ def _annotation_digests(annotations: str, val_annotations: str | None) -> dict[s
     }
 
 
-def _nothing_new(layout: Layout, scan: dict[str, Any], digests: dict[str, str | None]) -> bool:
+def _nothing_new(
+    layout: Layout, registry: ModelRegistry, scan: ScanOutcome, digests: dict[str, str | None]
+) -> bool:
     """Same videos and captions as the last successful run, and a current model to serve them."""
-    if scan["new"] or scan["changed"] or scan["removed"] or read_current(layout.models) is None:
+    if scan.new or scan.changed or scan.removed or registry.current_version() is None:
         return False
     return layout.trained.is_file() and json.loads(layout.trained.read_text()) == digests
 
@@ -223,15 +263,15 @@ def _accept_baseline(layout: Layout, digests: dict[str, str | None]) -> None:
 def _extract(
     params: PipelineParams,
     layout: Layout,
-    scan: dict[str, Any],
+    scan: ScanOutcome,
     profile: dict[str, Any],
     store: str,
     digests: dict[str, str | None],
-) -> dict[str, Any]:
+) -> PipelineData:
     """Visual features per video (at most `extract_concurrency` at a time), then the captions' features."""
     log = get_run_logger()
-    skipped = [{"kind": "video", "item": u["path"], "reason": u["reason"]} for u in scan["unreadable"]]
-    videos = scan["readable"]
+    skipped = list(scan.skipped)
+    videos = scan.readable
     if not videos:
         raise NoUsableVideosError(_no_usable_message(params.videos, skipped))
     progress = create_progress_artifact(
@@ -248,15 +288,15 @@ def _extract(
     for n, (video, state) in enumerate(outcomes, 1):
         if state.is_completed():
             outcome = state.result()
-            if outcome["status"] == "skipped":
-                skipped.append({"kind": "video", "item": video["path"], "reason": outcome["reason"]})
+            if outcome.status == "skipped":
+                skipped.append(Skipped(kind="video", id=video["path"], reason=outcome.reason or "skipped"))
             else:  # a Prefect cache hit replays the first run's outcome: it did no work this time
-                status = "cached" if state.name == "Cached" else outcome["status"]
+                status = "cached" if state.name == "Cached" else outcome.status
                 done[status].append(video["video_id"])
                 usable[video["video_id"]] = video["sha256"]
         else:
             reason = f"failed after retries: {state.message}"
-            skipped.append({"kind": "video", "item": video["path"], "reason": reason})
+            skipped.append(Skipped(kind="video", id=video["path"], reason=reason))
         update_progress_artifact(progress, 100.0 * n / len(videos))
     log.info("videos: %d extracted, %d cached, %d skipped", *map(len, (*done.values(), skipped)))
     if not usable:
@@ -268,23 +308,29 @@ def _extract(
     if state.name == "Cached":
         log.info("captions: unchanged since an earlier run, nothing encoded")
     else:
-        log.info("captions: %d encoded, %d already in the store", text["encoded"], text["cached"])
-    skipped += [
-        {"kind": "annotation", "item": s["path"], "reason": s["reason"]} for s in text["skipped_lines"]
-    ]
-    skipped += [{"kind": "caption", "item": s["text"], "reason": s["reason"]} for s in text["skipped"]]
-    return {
-        **done,
-        "annotations": params.annotations,
-        "val_annotations": params.val_annotations,
-        "annotation_format": fmt,
-        "text_fp": text["fingerprint"],
-        "skipped": skipped,
-        "digest": _digest({"videos": sorted(usable.items()), "annotations": digests}),
-    }
+        log.info("captions: %d encoded, %d already in the store", text.encoded, text.cached)
+    visual_fp = visual_fingerprint(FeatureProfile.model_validate(profile).visual)
+    return PipelineData(
+        annotations=params.annotations,
+        val_annotations=params.val_annotations,
+        annotation_format=fmt,
+        visual_fp=visual_fp,
+        text_fp=text.fingerprint,
+        skipped=skipped + list(text.skipped),
+        digest=_digest(
+            {
+                "videos": sorted(usable.items()),
+                "annotations": digests,
+                "extractors": [visual_fp, text.fingerprint],
+            }
+        ),
+        gallery=tuple(sorted(usable)),
+        extracted=tuple(done["extracted"]),
+        cached=tuple(done["cached"]),
+    )
 
 
-def _import_bundle(params: PipelineParams, layout: Layout, store: str) -> dict[str, Any]:
+def _import_bundle(params: PipelineParams, layout: Layout, store: str) -> PipelineData:
     """MS-SL: features come from the bundle; train on its train captions, select on val (else test)."""
     src = params.mssl
     bundle = locate_bundle(src.root, src.collection, src.feature)
@@ -293,41 +339,40 @@ def _import_bundle(params: PipelineParams, layout: Layout, store: str) -> dict[s
     )
     val = bundle.captions.get("val") or bundle.captions.get("test")
     if "train" not in bundle.captions or val is None:
-        raise ValueError(
+        raise MsslFormatError(
             f"MS-SL bundle {bundle.collection_dir}: training needs train and val (or test) captions"
         )
-    skipped = [
-        {"kind": "video", "item": s["video_id"], "reason": s["reason"]} for s in report["videos_skipped"]
-    ]
+    skipped = [Skipped(kind="video", id=s["video_id"], reason=s["reason"]) for s in report["videos_skipped"]]
     skipped += [
-        {"kind": "caption", "item": s["query_id"], "reason": s["reason"]} for s in report["queries_skipped"]
+        Skipped(kind="caption", id=s["query_id"], reason=s["reason"]) for s in report["queries_skipped"]
     ]
     files = {split: sha256_file(path) for split, path in bundle.captions.items()}
-    return {
-        "annotations": str(bundle.captions["train"]),
-        "val_annotations": str(val),
-        "annotation_format": "mssl",
-        "visual_fp": report["visual_fingerprint"],
-        "text_fp": report["text_fingerprint"],
-        "skipped": skipped,
-        "digest": _digest(
-            {"mssl": src.model_dump(), "captions": files, "imported": report["videos_imported"]}
-        ),
-    }
-
-
-def _evaluate_champion(layout: Layout, store: str, data: dict[str, Any], split: str) -> dict[str, Any] | None:
-    """The current model's metrics on the challenger's evaluation split (None before the first publish)."""
-    version = read_current(layout.models)
-    if version is None:
-        return None
-    file = data["val_annotations"] if split == "val" and data["val_annotations"] else data["annotations"]
-    evaluate = stored_under(evaluate_model_task, layout.results)
-    metrics = evaluate(
-        str(layout.models / version), store, file, split, data["annotation_format"], data["digest"]
+    return PipelineData(
+        annotations=str(bundle.captions["train"]),
+        val_annotations=str(val),
+        annotation_format="mssl",
+        visual_fp=report["visual_fingerprint"],
+        text_fp=report["text_fingerprint"],
+        skipped=skipped,
+        digest=_digest({"mssl": src.model_dump(), "captions": files, "imported": report["videos_imported"]}),
     )
-    get_run_logger().info("champion %s on %s: %s", version, split, _format(metrics))
-    return {"version": version, **metrics}
+
+
+def _evaluate_champion(
+    layout: Layout, registry: ModelRegistry, request: TrainRequest, split: str, data_digest: str
+) -> tuple[str, RetrievalMetrics] | None:
+    """The current model's metrics on the challenger's split and gallery (None before the first publish).
+
+    Computed before publishing so Prefect caches it; `publish` re-evaluates under its lock if another run
+    changed `current` in between.
+    """
+    champion = registry.current()
+    if champion is None or champion.same_training(RunDir(request.run_dir)):
+        return None  # nothing to compare: first publish, or an identical challenger that publishes nothing
+    evaluate = stored_under(evaluate_model_task, layout.results)
+    metrics = evaluate(str(champion.path), request, split, data_digest)
+    get_run_logger().info("champion %s %s", champion.version, format_metrics(metrics).replace("\n", "; "))
+    return champion.version, metrics
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -352,14 +397,10 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _format(metrics: dict[str, Any]) -> str:
-    return "  ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_KEYS)
-
-
-def _no_usable_message(videos: str | None, skipped: list[dict[str, str]]) -> str:
+def _no_usable_message(videos: str | None, skipped: list[Skipped]) -> str:
     if not skipped:
         return f"no usable videos: no video files found under {videos}"
-    first = "; ".join(f"{Path(s['item']).name}: {s['reason']}" for s in skipped[:3])
+    first = "; ".join(f"{Path(s.id).name}: {s.reason}" for s in skipped[:3])
     return f"no usable videos under {videos}: all {len(skipped)} were skipped ({first})"
 
 
@@ -379,33 +420,37 @@ def _inline_plots(markdown: str, base: Path) -> str:
 
 
 def _artifacts(
-    decision: dict[str, Any],
-    challenger: dict[str, Any],
-    champion: dict[str, Any] | None,
-    skipped: list[dict[str, str]],
+    outcome: PublishOutcome, model: ModelDir, challenger: RetrievalMetrics, skipped: list[Skipped]
 ) -> None:
-    """Metrics table, the report (plots inline), skipped items and a link to the published model."""
-    rows = [{"model": f"challenger {decision['version']}", "split": challenger["split"]}]
-    rows[0] |= {k: round(challenger[k], 2) for k in METRIC_KEYS}
-    if champion is not None:
-        rows.append(
-            {"model": f"champion {champion['version']}", "split": champion["split"]}
-            | {k: round(champion[k], 2) for k in METRIC_KEYS}
-        )
-    create_table_artifact(rows, key="mamfusion-metrics", description="R@K and SumR (percent)")
-    model_dir = Path(decision["model_dir"])
-    report = model_dir / "report.md"
-    if report.is_file():
+    """Metrics table (with gallery and chance), the report (plots inline), skipped items, the model link."""
+    rows = [
+        {"row": "challenger", **_metric_cells(challenger.table())},
+        {"row": "chance (random ranking)", **_metric_cells(challenger.chance)},
+    ]
+    record = outcome.record
+    if record is not None and record.champion_sumr is not None:
+        rows.append({"row": f"champion {record.champion_version}", "sumr": round(record.champion_sumr, 2)})
+    create_table_artifact(
+        rows,
+        key="mamfusion-metrics",
+        description=f"R@K and SumR (percent) on {describe_gallery(challenger)}; {outcome.reason}",
+    )
+    if model.report_file.is_file():
         create_markdown_artifact(
-            _inline_plots(report.read_text(), model_dir), key="mamfusion-report", description=str(report)
+            _inline_plots(model.report_file.read_text(), model.path),
+            key="mamfusion-report",
+            description=str(model.report_file),
         )
     create_table_artifact(
-        skipped or [{"kind": "", "item": "", "reason": "nothing was skipped"}],
+        [s.model_dump() for s in skipped] or [{"kind": "", "id": "", "reason": "nothing was skipped"}],
         key="mamfusion-skipped",
         description=f"{len(skipped)} skipped item(s) and why",
     )
+    state = "current" if outcome.current == model.version else "candidate"
     create_link_artifact(
-        model_dir.as_uri(),
-        link_text=f"model {decision['version']} ({'current' if decision['promoted'] else 'candidate'})",
-        key="mamfusion-model",
+        model.path.as_uri(), link_text=f"model {model.version} ({state})", key="mamfusion-model"
     )
+
+
+def _metric_cells(table: RecallTable) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in table.model_dump().items()}

@@ -9,7 +9,13 @@ profile: ResNet frames mean-pooled over each I3D segment, ‖ I3D of the segment
 Weights are `"default"` (the library's own file or cache), a local file path, or `"random"` / `"random:SEED"`
 — a seeded random init that tests and speed benchmarks ask for explicitly. A default that is not on disk and
 cannot be downloaded raises `WeightsNotFoundError` naming where we looked and how to provide it; nothing ever
-falls back to random weights by itself.
+falls back to random weights by itself. A library file already in the torch hub cache is used with no network.
+
+Weights files are data, never code: every file is read with `torch.load(weights_only=True)`, which rebuilds
+only tensors and plain containers. The one non-tensor object our formats carry, the yacs config pytorchvideo's
+`.pyth` checkpoints pickle beside `model_state`, is rebuilt as an inert dict without importing its class. A
+file that references any other Python global is refused unread with a `WeightsFileError`, as is a file that is
+not a checkpoint or whose keys or shapes do not fit the network.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,7 +38,6 @@ from torch import nn
 from storage.errors import MamFusionError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +45,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class WeightsNotFoundError(MamFusionError, FileNotFoundError):
     """Pretrained weights are neither on disk nor downloadable; the message says how to provide them."""
+
+
+class WeightsFileError(MamFusionError, ValueError):
+    """A weights file exists but cannot be used (not a checkpoint, unsafe to unpickle, or does not fit)."""
 
 
 @dataclass(frozen=True)
@@ -179,29 +191,147 @@ def _random_seed(weights: str) -> int | None:
     if weights == "random":
         return 0
     if weights.startswith("random:"):
-        return int(weights.split(":", 1)[1])
+        seed = weights.split(":", 1)[1]
+        if not seed.isdigit():
+            raise WeightsFileError(f"weights {weights!r}: the seed after 'random:' must be a whole number")
+        return int(seed)
     return None
 
 
 def _local_file(name: str, weights: str) -> Path:
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise WeightsFileError(
+            f"{name} weights {path} is a directory, not a weights file; " + _RESAVE_HINT.format(name=name)
+        )
     if not path.is_file():
         raise WeightsNotFoundError(
             f"{name} weights file {path} does not exist; set the backbone's `weights` (CLI: --weights "
             f"{name}=PATH) to an existing file, "
             "to 'default' for the library's weights, or to 'random' for an explicit random init"
         )
+    if not os.access(path, os.R_OK):
+        raise WeightsFileError(f"{name} weights file {path} is not readable (permission denied)")
     return path
 
 
-def _load_state_dict(path: Path, *, pickled_config: bool = False) -> dict[str, torch.Tensor]:
-    """A raw state dict, or the `model_state` / `state_dict` entry of a training checkpoint."""
-    # pytorchvideo's .pyth checkpoints pickle a yacs config beside the weights: weights_only cannot read them.
-    state = torch.load(path, map_location="cpu", weights_only=not pickled_config)
-    for key in ("model_state", "state_dict"):
-        if isinstance(state, dict) and key in state:
-            return state[key]
-    return state
+# Globals that pytorchvideo / PySlowFast checkpoints pickle beside `model_state`: their (fvcore) yacs config.
+# They are rebuilt as `_InertConfig` (a plain OrderedDict): the named class is never imported or called.
+_CONFIG_GLOBALS = ("yacs.config.CfgNode", "fvcore.common.config.CfgNode")
+# torch's safe_globals context edits process-wide state; loads in threads must not undo each other's entries.
+_LOAD_LOCK = threading.Lock()
+_SHOWN_KEYS = 3  # mismatched keys named per kind in an error
+_RESAVE_HINT = "set --weights {name}=PATH to a file written by torch.save(model.state_dict(), PATH)"
+
+
+class _InertConfig:
+    """Stand-in for a pickled config node: NEWOBJ gets an empty OrderedDict, which SETITEMS/BUILD fill."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+def _read_checkpoint(name: str, path: Path) -> object:
+    """`torch.load(weights_only=True)` of a user's file; any failure is a one-line `WeightsFileError`."""
+    where = f"{name} weights file {path}"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise WeightsFileError(f"{where} is empty; {_RESAVE_HINT.format(name=name)}")
+    is_zip = head == b"PK\x03\x04"  # torch.save's format since torch 1.6; older files are raw pickles
+    if not is_zip and head[:1] != b"\x80":
+        raise WeightsFileError(
+            f"{where} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle); "
+            + _RESAVE_HINT.format(name=name)
+        )
+    stand_ins = [(_InertConfig, global_name) for global_name in _CONFIG_GLOBALS]
+    with _LOAD_LOCK, torch.serialization.safe_globals(stand_ins):
+        try:  # list every unsafe global up front (zip only); the unpickler would stop at the first one
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if is_zip else []
+        except Exception as err:  # miniz/enforce errors (truncated, not torch's layout), torchscript archives
+            raise WeightsFileError(_unreadable(where, name, err)) from err
+        if unsafe:
+            raise WeightsFileError(_unsafe_message(where, unsafe))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.findall(r"GLOBAL (\S+)", str(err))
+            if found:
+                raise WeightsFileError(_unsafe_message(where, found)) from err
+            raise WeightsFileError(_unreadable(where, name, err)) from err
+        except Exception as err:  # torch.load raises IndexError, EOFError, RuntimeError... on damaged files
+            raise WeightsFileError(_unreadable(where, name, err)) from err
+
+
+def _unreadable(where: str, name: str, err: Exception) -> str:
+    text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", str(err))  # c10's location prefix
+    first = " ".join(text.split(". ")[0].split())[:160]  # torch's messages run to paragraphs
+    reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return f"{where} cannot be read as a PyTorch checkpoint ({reason}); " + _RESAVE_HINT.format(name=name)
+
+
+def _unsafe_message(where: str, names: Sequence[str]) -> str:
+    shown = ", ".join(sorted(set(names))[:5])
+    return (
+        f"{where} was not loaded: besides tensors it pickles {shown}, and unpickling that would import and "
+        "run code (only tensors, plain containers and yacs configs are read from weights files). If you "
+        "trust the file, load it yourself and re-save just the state dict with torch.save(state_dict, PATH)"
+    )
+
+
+def _load_state_dict(path: Path, name: str = "backbone") -> dict[str, torch.Tensor]:
+    """A raw state dict, or the `model_state` / `state_dict` entry of a training checkpoint (tensors only)."""
+    state = _read_checkpoint(name, path)
+    if isinstance(state, Mapping):
+        for key in ("model_state", "state_dict"):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    where = f"{name} weights file {path}"
+    if not isinstance(state, Mapping):
+        raise WeightsFileError(
+            f"{where} holds a {type(state).__name__}, not a state dict (a dict of tensors, or a checkpoint "
+            "with a 'model_state' or 'state_dict' entry); " + _RESAVE_HINT.format(name=name)
+        )
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(f"{k!r} ({type(state[k]).__name__})" for k in bad[:_SHOWN_KEYS])
+        raise WeightsFileError(
+            f"{where} is not a state dict: {len(bad)} entries are not tensors ({shown}); "
+            + _RESAVE_HINT.format(name=name)
+        )
+    return dict(state)
+
+
+def _load_into(net: nn.Module, path: Path, name: str) -> None:
+    """Load the file's state dict into `net`, or say which keys/shapes do not fit (never a partial load)."""
+    state = _load_state_dict(path, name)
+    expected = net.state_dict()
+    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not wrong:
+        result = net.load_state_dict(state, strict=False)  # lets BatchNorm fill a missing num_batches_tracked
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    else:
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+    if not (wrong or missing or unexpected):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if wrong:
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}" for k in wrong]
+        parts.append(f"{len(wrong)} keys of the wrong shape ({_first(shapes)})")
+    raise WeightsFileError(
+        f"{name} weights file {path} does not fit the {name} network: {'; '.join(parts)}. Use weights "
+        f"saved from the same architecture (torch.save(net.state_dict(), PATH))"
+    )
+
+
+def _first(items: Sequence[str]) -> str:
+    return ", ".join(items[:_SHOWN_KEYS]) + (", ..." if len(items) > _SHOWN_KEYS else "")
 
 
 def _lite0_wheel_file() -> Path:
@@ -225,21 +355,19 @@ def _efficientnet_lite0(weights: str, crop: int) -> nn.Module:
     net = EfficientNet.from_name("efficientnet-lite0", image_size=crop)
     if _random_seed(weights) is None:
         path = _lite0_wheel_file() if weights == "default" else _local_file("efficientnet_lite0", weights)
-        net.load_state_dict(_load_state_dict(path))
+        _load_into(net, path, "efficientnet_lite0")
     return _EfficientNetTrunk(net)
 
 
 def _resnet152(weights: str, crop: int) -> nn.Module:
     from torchvision.models import ResNet152_Weights, resnet152
 
+    net = resnet152(weights=None)
     if weights == "default":
-        enum = ResNet152_Weights.IMAGENET1K_V2
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-        net = _from_library(lambda: resnet152(weights=enum), "ResNet-152", cached, enum.url)
-    else:
-        net = resnet152(weights=None)
-        if _random_seed(weights) is None:
-            net.load_state_dict(_load_state_dict(_local_file("resnet152", weights)))
+        # Not resnet152(weights=enum): torchvision reads its cache file with weights_only=False.
+        _load_into(net, _library_file("ResNet-152", ResNet152_Weights.IMAGENET1K_V2.url), "resnet152")
+    elif _random_seed(weights) is None:
+        _load_into(net, _local_file("resnet152", weights), "resnet152")
     net.fc = nn.Identity()
     return net
 
@@ -251,25 +379,27 @@ def _i3d_r50(weights: str, crop: int) -> nn.Module:
 
     net = i3d_r50(pretrained=False)
     if weights == "default":
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(I3D_URL).name
-        _from_library(
-            lambda: torch.hub.download_url_to_file(I3D_URL, str(cached)), "I3D-R50", cached, I3D_URL
-        )
-        net.load_state_dict(_load_state_dict(cached, pickled_config=True))
+        _load_into(net, _library_file("I3D-R50", I3D_URL), "i3d_r50")
     elif _random_seed(weights) is None:
-        net.load_state_dict(_load_state_dict(_local_file("i3d_r50", weights), pickled_config=True))
+        _load_into(net, _local_file("i3d_r50", weights), "i3d_r50")
     # The head's AvgPool3d(4,7,7) is a global mean at 8x224²: a global pool keeps that and allows other sizes.
     return nn.Sequential(*net.blocks[:-1], _GlobalAvgPool())
 
 
-def _from_library(load: Callable[[], T], what: str, cached: Path, url: str) -> T:
-    """Run the library loader (cache hit or download); turn a failed download into a how-to message."""
-    if not cached.is_file() and offline():
+def _library_file(what: str, url: str) -> Path:
+    """The library's file in the torch hub cache: used as is when present (no network), else downloaded."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if cached.is_file():
+        return cached
+    if offline():
         raise WeightsNotFoundError(_missing_message(what, cached, url, "offline mode is on"))
+    match = torch.hub.HASH_REGEX.search(cached.name)  # torchvision names files NAME-<sha256 prefix>.pth
     try:
-        return load()
-    except OSError as err:  # URLError, socket errors, HTTP errors
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None)
+    except (OSError, RuntimeError) as err:  # URLError, socket and HTTP errors; RuntimeError: hash mismatch
         raise WeightsNotFoundError(_missing_message(what, cached, url, f"download failed: {err}")) from err
+    return cached
 
 
 def _missing_message(what: str, cached: Path, url: str, why: str) -> str:

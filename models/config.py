@@ -23,21 +23,22 @@ class ConfigError(MamFusionError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # NaN/inf are never a meaningful hyper-parameter: lr=inf trained a model whose every weight was NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class MamFusionConfig(_Strict):
     """Architecture and loss settings (official names in comments where they differ)."""
 
-    visual_dim: int = Field(1024, gt=0, description="Dv, per-row visual feature size (v_feat_size)")
-    query_dim: int = Field(1024, gt=0, description="Dq, per-token text feature size (q_feat_size)")
-    hidden_size: int = Field(384, gt=0)
-    n_heads: int = Field(8, gt=0)
+    visual_dim: int = Field(1024, gt=0, le=1 << 20, description="Dv, per-row visual feature size (v_feat_size)")
+    query_dim: int = Field(1024, gt=0, le=1 << 20, description="Dq, per-token text feature size (q_feat_size)")
+    hidden_size: int = Field(384, gt=0, le=1 << 16)
+    n_heads: int = Field(8, gt=0, le=1024)
     input_drop: float = Field(0.2, ge=0.0, lt=1.0)
     drop: float = Field(0.18, ge=0.0, lt=1.0)
-    max_desc_l: int = Field(30, gt=0, description="query tokens kept")
-    max_ctx_l: int = Field(256, gt=0, description="frame-branch length after downsampling")
-    map_size: int = Field(32, gt=0, description="number of clips")
+    max_desc_l: int = Field(30, gt=0, le=1 << 16, description="query tokens kept")
+    max_ctx_l: int = Field(256, gt=0, le=1 << 20, description="frame-branch length after downsampling")
+    map_size: int = Field(32, gt=0, le=1 << 12, description="number of clips")
     initializer_range: float = Field(0.02, gt=0.0)
     # None = the attention block without a Gaussian (variance infinity).
     gmm_widths: tuple[float | None, ...] = (None, 0.5, 1.0, 5.0)
@@ -67,18 +68,23 @@ class MamFusionConfig(_Strict):
 class TrainConfig(_Strict):
     """Optimisation recipe (BertAdam + warmup-linear, MODEL_SPEC §8)."""
 
-    batch_size: int = Field(64, gt=0, description="videos per batch")
-    lr: float = Field(4.5e-4, gt=0.0)
+    batch_size: int = Field(64, gt=0, le=1 << 16, description="videos per batch")
+    lr: float = Field(4.5e-4, gt=0.0, le=1.0, description="peak learning rate (BertAdam)")
     warmup_proportion: float = Field(0.01, gt=0.0, lt=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
-    n_epoch: int = Field(200, gt=0)
+    n_epoch: int = Field(200, gt=0, le=100_000)
     max_es_cnt: int = Field(200, gt=0, description="early-stopping patience in epochs")
     hard_negative_start_epoch: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0.0, description="per-tensor max norm")
-    eval_query_bsz: int = Field(50, gt=0)
-    eval_context_bsz: int = Field(100, gt=0)
-    seed: int = 9527
-    num_workers: int = Field(28, ge=0, description="data-loader workers (capped at the CPU count)")
+    eval_query_bsz: int = Field(50, gt=0, le=1 << 16)
+    eval_context_bsz: int = Field(100, gt=0, le=1 << 16)
+    eval_gallery: Literal["auto", "split", "extended"] = Field(
+        "auto",
+        description="validation/test gallery: the split's videos, or plus other splits' videos as "
+        "distractors; auto extends galleries under 100 videos except on benchmark (MS-SL) data",
+    )
+    seed: int = Field(9527, ge=0, lt=1 << 63)
+    num_workers: int = Field(28, ge=0, le=1024, description="data-loader workers (capped at the CPU count)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "on", "off"] = "auto"
 

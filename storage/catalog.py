@@ -7,17 +7,22 @@ dead or stuck worker costs one video its metadata (recorded as an error), never 
 
 Width and height are those of the frames decord decodes. decord applies the container's rotation flag, so they
 are the display orientation (a phone clip flagged 90° reports portrait size), which is what extractors see.
-Running this file as a script starts the probe worker (see `VideoProber`).
+Duration and frame times come from `read_frame_times`, the one definition the decoder (`tasks.decode`) uses
+too, so a catalogued duration is the length the feature rows cover. Running this file as a script starts the
+probe worker (see `VideoProber`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import reprlib
 import selectors
 import signal
 import subprocess
@@ -28,7 +33,9 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
+
+import numpy as np
 
 from storage.errors import MamFusionError
 
@@ -47,6 +54,10 @@ _SAFE_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 class CatalogError(MamFusionError, ValueError):
     """A catalog file that cannot be trusted (bad JSON, wrong field type); names the file and the field."""
+
+
+class VideoFolderError(MamFusionError, NotADirectoryError):
+    """The folder to scan does not exist or is not a folder (still a NotADirectoryError: never retried)."""
 
 
 class UnknownVideoError(KeyError):
@@ -173,11 +184,24 @@ class Catalog:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Catalog:
-        """Read a catalog written by `save`; CatalogError names the file and the offending field."""
+        """Read a catalog written by `save`; CatalogError names the file and the offending field.
+
+        Any content, even a video passed by mistake, gives a CatalogError; only I/O problems are OSErrors.
+        """
+        raw = Path(path).read_bytes()
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise CatalogError(f"{path}:{line}: not a catalog: not UTF-8 text (a binary file?)") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CatalogError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+            raise CatalogError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise CatalogError(f"{path}: not a catalog: JSON nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise CatalogError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != CATALOG_FORMAT:
             raise CatalogError(f"{path}: not a MamFusion catalog (field 'format' is not {CATALOG_FORMAT!r})")
         if data.get("version") != CATALOG_VERSION:
@@ -187,17 +211,37 @@ class Catalog:
         return cls(data["root"], [_record_from_dict(path, i, v) for i, v in enumerate(data["videos"])])
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for messages: a huge or deeply nested value in a file never floods or crashes them."""
+    try:
+        return _SHORT.repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int too long to print
+        return f"<{type(value).__name__}>"
+
+
 def _record_from_dict(path: str | os.PathLike[str], index: int, item: Any) -> VideoRecord:
     if not isinstance(item, dict):
         raise CatalogError(f"{path}: videos[{index}] is not an object")
     values = {}
     for f in fields(VideoRecord):
         value = item.get(f.name)
+        where = f"{path}: videos[{index}].{f.name}"
         if f.name not in item or isinstance(value, bool) or not isinstance(value, _RECORD_TYPES[f.name]):
-            raise CatalogError(
-                f"{path}: videos[{index}].{f.name} is missing or of the wrong type ({value!r})"
-            )
-        values[f.name] = float(value) if isinstance(value, int) and f.name in ("duration", "fps") else value
+            raise CatalogError(f"{where} is missing or of the wrong type ({short_repr(value)})")
+        if isinstance(value, int | float):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number) or number < 0:
+                raise CatalogError(f"{where} must be a finite, non-negative number, got {short_repr(value)}")
+            if f.name in ("duration", "fps"):
+                value = number
+        values[f.name] = value
     return VideoRecord(**values)
 
 
@@ -211,6 +255,61 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     walk_errors: list[str] = field(default_factory=list)
+
+
+def clean_reason(text: str) -> str:
+    """A reason on one printable line: decoder logs carry NULs and line breaks into JSON reports and logs."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+# ---- frame times: shared with tasks.decode, so catalog durations and feature rows agree ----
+
+TimestampSource = Literal["container", "nominal"]
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    """When each frame starts (seconds from the first frame), how long the video lasts, and the source."""
+
+    starts: np.ndarray  # (n,) float64, non-decreasing, starts[0] == 0
+    duration: float  # starts[-1] + 1 / fps: the last frame is shown for one nominal frame interval
+    source: TimestampSource
+
+
+def stream_problem(n_frames: int, fps: float) -> str | None:
+    """Why a stream cannot be timed (no frames, no frame rate), or None when it can."""
+    if n_frames <= 0 or not math.isfinite(fps) or fps <= 0:
+        return f"no usable video stream ({n_frames} frames, {fps:g} fps)"
+    return None
+
+
+def frame_times(stamps: Any, fps: float) -> FrameTimes:
+    """Frame starts from the container's per-frame stamps, or i / fps where those cannot be trusted.
+
+    Containers without presentation timestamps (AVI; any reordered stream in it) give decord AV_NOPTS_VALUE
+    for some or all frames, which it scales to about -3e17 s: taken as is, a 3.4 s AVI was catalogued as
+    lasting -307445750596370432 s. Stamps count only if every one is finite, the first is not negative and
+    they never go back; otherwise the nominal rate times every frame (what AVI means anyway).
+    """
+    starts = np.asarray(stamps, dtype=np.float64).reshape(-1)
+    problem = stream_problem(len(starts), fps)
+    if problem:
+        raise ValueError(problem)
+    if np.all(np.isfinite(starts)) and starts[0] >= -1e-3 and np.all(np.diff(starts) >= 0):
+        starts, source = starts - starts[0], "container"
+    else:
+        starts, source = np.arange(len(starts), dtype=np.float64) / fps, "nominal"
+    return FrameTimes(starts, float(starts[-1] + 1.0 / fps), source)
+
+
+def read_frame_times(reader: Any) -> FrameTimes:
+    """`frame_times` of an open `decord.VideoReader` (start stamps of all its frames, its average rate)."""
+    n, fps = len(reader), float(reader.get_avg_fps())
+    problem = stream_problem(n, fps)
+    if problem:
+        raise ValueError(problem)
+    stamps = np.asarray(reader.get_frame_timestamp(list(range(n))), dtype=np.float64).reshape(n, -1)
+    return frame_times(stamps[:, 0], fps)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -330,7 +429,7 @@ def scan_videos(
     """
     root_path = Path(root).absolute()
     if not root_path.is_dir():
-        raise NotADirectoryError(f"video folder {root_path} does not exist or is not a folder")
+        raise VideoFolderError(f"video folder {root_path} does not exist or is not a folder")
     rel_paths, walk_errors = find_videos(root_path)
     for err in walk_errors:
         logger.warning("cannot list folder %s", err)
@@ -422,7 +521,10 @@ class VideoProber:
     def probe(self, path: str) -> VideoProbe:
         proc = self._start()
         assert proc.stdin is not None and self._log is not None
-        self._log.truncate(0)  # the log then holds this file's messages only
+        # The log then holds this file's messages only. Seek first: truncating alone left the shared file
+        # offset where the last file's messages ended, so the worker wrote after a hole of NUL bytes.
+        self._log.seek(0)
+        self._log.truncate()
         try:
             proc.stdin.write(json.dumps(path).encode("utf-8") + b"\n")
             proc.stdin.flush()
@@ -430,10 +532,10 @@ class VideoProber:
         except (OSError, ValueError, _WorkerDied, TimeoutError) as exc:
             reason = self._failure_reason(exc, proc)
             self._stop()
-            return VideoProbe(error=reason + _decoder_log(self._log_text()))
+            return VideoProbe(error=clean_reason(reason + _decoder_log(self._log_text())))
         probe = VideoProbe(**reply)
         if probe.error:
-            probe = replace(probe, error=probe.error + _decoder_log(self._log_text()))
+            probe = replace(probe, error=clean_reason(probe.error + _decoder_log(self._log_text())))
         return probe
 
     def close(self) -> None:
@@ -445,8 +547,11 @@ class VideoProber:
     def _start(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
             if self._log is None:
-                # O_APPEND: the worker always writes at the end, wherever we seek or truncate
-                self._log = tempfile.TemporaryFile(mode="a+b")  # noqa: SIM115 (lives as long as the prober)
+                self._log = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 (lives as long as the prober)
+                # O_APPEND: the worker always writes at the end, wherever we seek or truncate (mode "a" on
+                # the descriptor tempfile opens does not set it)
+                fd = self._log.fileno()
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
             self._buffer = b""
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, bufsize=0
@@ -515,7 +620,7 @@ def _decoder_log(text: str, keep: int = 3) -> str:
     """The last few distinct decoder log lines, cleaned, as context for an error."""
     lines = []
     for raw in text.splitlines():
-        line = _LOG_NOISE.sub("", raw).strip()
+        line = clean_reason(_LOG_NOISE.sub("", raw))
         if line and line not in lines:
             lines.append(line)
     return f" (decoder log: {'; '.join(lines[-keep:])})" if lines else ""
@@ -531,7 +636,10 @@ def probe_with_decord(path: str) -> VideoProbe:
         if n_frames <= 0:
             return VideoProbe(n_frames=n_frames, error="no video frames")
         fps = float(reader.get_avg_fps())
-        duration = round(float(reader.get_frame_timestamp(n_frames - 1)[1]), 6)  # float32 seconds
+        problem = stream_problem(n_frames, fps)
+        if problem:
+            return VideoProbe(n_frames=n_frames, error=problem)
+        duration = round(read_frame_times(reader).duration, 6)
         height, width = reader[0].shape[:2]
         facts = VideoProbe(duration, fps, n_frames, int(width), int(height))
         try:
@@ -546,7 +654,7 @@ def probe_with_decord(path: str) -> VideoProbe:
 
 def _error_text(exc: BaseException) -> str:
     message = " ".join(_LOG_NOISE.sub("", line.strip()) for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {message}"[:500]
+    return clean_reason(f"{type(exc).__name__}: {message}")[:500]
 
 
 def serve_probes(requests: Iterable[bytes], reply: IO[bytes]) -> None:

@@ -25,7 +25,7 @@ from typing import Annotated
 
 import av
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from storage.errors import MamFusionError
 
@@ -79,7 +79,7 @@ SplitFractions = Annotated[tuple[float, float, float], AfterValidator(_check_fra
 
 
 class DemoCorpusError(MamFusionError, ValueError):
-    """The output folder cannot take a demo corpus (it holds other files)."""
+    """The output folder cannot take a demo corpus (a file, a folder of other files), or a size is invalid."""
 
 
 class DemoCorpusConfig(BaseModel):
@@ -158,9 +158,14 @@ def generate_demo_corpus(
     """Write `n_videos` videos under OUT/videos, OUT/annotations.csv (our csv format) and OUT/corpus.json.
 
     `overrides` are further `DemoCorpusConfig` fields. A folder holding an earlier demo corpus is regenerated
-    in place (its videos are removed first); any other non-empty folder is refused.
+    in place (its videos are removed first); a file, or any other non-empty folder, is refused. An invalid
+    size is a DemoCorpusError naming the field (pydantic's ValidationError, with its traceback, is the
+    config class's own).
     """
-    cfg = DemoCorpusConfig(n_videos=n_videos, seed=seed, **overrides)
+    try:
+        cfg = DemoCorpusConfig(n_videos=n_videos, seed=seed, **overrides)
+    except ValidationError as exc:
+        raise DemoCorpusError(f"invalid demo corpus settings: {_describe(exc)}") from None
     out = Path(out_dir).resolve()
     videos_dir = out / VIDEOS_DIRNAME
     _prepare_out_dir(out)
@@ -312,15 +317,36 @@ def _encode_video(path: Path, frames, cfg: DemoCorpusConfig) -> None:
     os.replace(partial, path)
 
 
+def _describe(exc: ValidationError) -> str:
+    """Every field pydantic refused, with its message, on one line."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+
+
 def _prepare_out_dir(out: Path) -> None:
     """Accept a new/empty folder or an earlier demo corpus (removing its videos); refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise DemoCorpusError(f"{out}: is a file, not a folder; pick a new or empty folder")
     manifest = out / MANIFEST_NAME
     if manifest.is_file():
-        for video in json.loads(manifest.read_text())["videos"]:
-            (out / VIDEOS_DIRNAME / Path(video["file"]).name).unlink(missing_ok=True)
+        for name in _manifest_video_files(manifest):
+            (out / VIDEOS_DIRNAME / name).unlink(missing_ok=True)
         return
     if out.exists() and any(out.iterdir()):
         raise DemoCorpusError(f"{out}: not empty and holds no demo corpus ({MANIFEST_NAME}); pick another")
+
+
+def _manifest_video_files(manifest: Path) -> list[str]:
+    """File names of the videos an earlier corpus lists; a manifest we did not write is refused."""
+    try:
+        body = json.loads(manifest.read_bytes())
+        names = [Path(video["file"]).name for video in body["videos"]]
+        if body.get("generator") != "mamfusion.demo_corpus" or not all(names):
+            raise ValueError("not ours")
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        raise DemoCorpusError(
+            f"{manifest}: not a demo corpus manifest; pick another folder or remove the file"
+        ) from None
+    return names
 
 
 def _write_annotations(path: Path, videos: tuple[DemoVideo, ...]) -> None:

@@ -13,6 +13,15 @@ Store layout besides entries and packs (see those modules):
     names/<fp>/<sha256(video_id)>/    group attrs {"video_id", "sha256"}: one object per name, last wins
     videos/<fp>/<sha>/...             features (T, D) float32, times (T, 2) float64 seconds
     queries/<fp>/<text_key>/...       features (N_tokens, D) float32
+
+Integrity: every array chunk ends with a crc32c and every chunk is stored, so a flipped byte, a truncated or a
+missing chunk raises `DamagedStoreError` naming the store, the entry and the object; `verify` (the CLI's
+`mamfusion store verify`) checks everything and `verify(repair=True)` drops what is damaged so the next
+extraction writes it again. Stores written before checksums still read; `verify` counts their arrays as
+"no checksum", the next `pack` rewrites their packs with checksums, and re-extraction their entries.
+
+`FeatureStore(url, read_only=True)` never writes (no root creation, no auto-pack); a local store the process
+may not write to opens read-only by itself.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import logging
 import os
 import re
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,16 +45,23 @@ from zarr.storage import FsspecStore, LocalStore
 
 from storage import _zarr_entries as entries
 from storage import _zarr_packs as packs
-from storage._zarr_entries import ArraySpec, Entry, FeatureStoreError
+from storage._zarr_entries import ArraySpec, DamagedStoreError, Entry, FeatureStoreError
 from storage._zarr_packs import GcReport, Pack
 
 __all__ = [
+    "DamagedStoreError",
     "FeatureDimensionError",
     "FeatureStore",
     "FeatureStoreError",
+    "FeatureStoreNotFoundError",
     "GcReport",
     "MissingFeatureError",
+    "NotAFeatureStoreError",
     "PackInfo",
+    "ReadOnlyStoreError",
+    "StoreAccessError",
+    "StoreDamage",
+    "StoreVerifyReport",
     "VideoFeatures",
     "text_key",
 ]
@@ -87,6 +103,22 @@ class FeatureDimensionError(FeatureStoreError, ValueError):
         self.fingerprint, self.expected, self.actual = fingerprint, expected, actual
 
 
+class FeatureStoreNotFoundError(FeatureStoreError, FileNotFoundError):
+    """Opening read-only (or with nothing to create) where there is no feature store."""
+
+
+class NotAFeatureStoreError(FeatureStoreError):
+    """The URL holds something else (a file, a folder of other files, another Zarr group): never adopted."""
+
+
+class ReadOnlyStoreError(FeatureStoreError):
+    """A write to a store opened read-only (asked for, or a store this process may not write to)."""
+
+
+class StoreAccessError(FeatureStoreError):
+    """The store cannot be reached or read: credentials, endpoint, permissions, a missing bucket."""
+
+
 @dataclass
 class VideoFeatures:
     """One video's feature rows, the start/end seconds of each row, and provenance attributes."""
@@ -103,6 +135,43 @@ class PackInfo:
     fingerprint: str
     entries: int
     rows: int
+
+
+@dataclass
+class StoreDamage:
+    """One damaged thing `verify` found: an entry, a pack, an extractor registration or a name record."""
+
+    kind: Literal["entry", "pack", "extractor", "name"]
+    namespace: str | None
+    fingerprint: str | None
+    entry: str | None  # video sha256 / query text key (entries), pack stage, or the name record's key
+    key: str  # the object at fault
+    reason: str
+    video_id: str | None = None
+    affected: list[str] = field(default_factory=list)  # entries a damaged pack chunk holds
+    repaired: bool = False
+
+
+@dataclass
+class StoreVerifyReport:
+    """What `FeatureStore.verify` checked and found; `ok` when nothing is damaged (or all was repaired)."""
+
+    url: str
+    entries: int = 0  # committed entries checked
+    entries_without_checksum: int = 0  # written before checksums: their bytes are only size-checked
+    packs: int = 0
+    packs_without_checksum: int = 0
+    extractors: int = 0
+    names: int = 0
+    damaged: list[StoreDamage] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)  # what --repair did
+
+    @property
+    def ok(self) -> bool:
+        return all(d.repaired for d in self.damaged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": "feature-store", "ok": self.ok}
 
 
 def text_key(text: str) -> str:
@@ -170,18 +239,31 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Store, str]:
-    """A LocalStore for paths and file:// URLs, an FsspecStore for every other URL (memory://, s3://, ...)."""
+def _open_store(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, read_only: bool
+) -> tuple[Store, str, bool]:
+    """(store, url, read_only): a LocalStore for paths and file:// URLs, an FsspecStore for every other URL
+    (memory://, s3://, ...). A local store this process may not write to is opened read-only."""
     text = os.fspath(url)
     if "://" in text and not text.startswith("file://"):
         try:
-            return FsspecStore.from_url(text, storage_options=storage_options or {}, read_only=False), text
-        except (ImportError, ValueError) as exc:  # e.g. s3:// without s3fs: pip install 'mamfusion[s3]'
+            store = FsspecStore.from_url(text, storage_options=storage_options or {}, read_only=read_only)
+        except (ImportError, ValueError, TypeError) as exc:  # s3:// without s3fs, a bad storage option
             raise FeatureStoreError(f"cannot open feature store {text!r}: {exc}") from exc
+        return store, text, read_only
     if storage_options:
         raise FeatureStoreError(f"storage_options apply to fsspec URLs, not the local path {text!r}")
     path = Path(text.removeprefix("file://")).expanduser().resolve()
-    return LocalStore(path), str(path)
+    if path.exists() and not path.is_dir():
+        raise NotAFeatureStoreError(f"{path} is a file, not a feature store folder; pass a folder path")
+    if read_only and not path.exists():
+        raise FeatureStoreNotFoundError(
+            f"no feature store at {path}: it does not exist (opened read-only, so it is not created)"
+        )
+    if not read_only and path.exists() and not os.access(path, os.W_OK):
+        log.info("feature store %s is not writable by this process; opening it read-only", path)
+        read_only = True
+    return LocalStore(path, read_only=read_only), str(path), read_only
 
 
 def _missing(fingerprint: str, keys: list[str], what: str) -> MissingFeatureError:
@@ -202,35 +284,64 @@ class FeatureStore:
         storage_options: dict[str, Any] | None = None,
         *,
         auto_pack: bool = True,
+        read_only: bool = False,
     ) -> None:
         """`auto_pack`: a bulk read that would read at least AUTO_PACK_MIN entries one by one (over half of
-        what it asks for) first packs the fingerprint, so training is fast even if no step ran `pack`."""
-        self._store, self.url = _open_store(url, storage_options)
+        what it asks for) first packs the fingerprint, so training is fast even if no step ran `pack`.
+
+        `read_only`: never write anything (search, evaluation, verification): a missing store is an error
+        instead of being created, and bulk reads read loose entries one by one instead of packing. Opening
+        for writing creates a new store, but never adopts a non-empty folder or prefix that is not a store.
+        """
+        self._store, self.url, self.read_only = _open_store(url, storage_options, read_only)
         self.storage_options = dict(storage_options or {})
-        self.auto_pack = auto_pack
+        self.auto_pack = auto_pack and not self.read_only
         self._extractors: dict[str, dict[str, Any]] = {}
         self._packs: dict[str, Pack] = {}
-        self._run(self._open_root())
+        try:
+            self._run(self._open_root())
+        except FeatureStoreError:
+            raise
+        except Exception as exc:
+            problem = entries.access_problem(exc)
+            if problem is None:
+                raise
+            raise StoreAccessError(f"cannot open feature store {self.url}: {problem}") from exc
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle as (url, storage_options, auto_pack): Dask/Prefect workers reopen the same store."""
-        return _reopen, (self.url, self.storage_options, self.auto_pack)
+        """Pickle as (url, storage_options, auto_pack, read_only): Dask/Prefect workers reopen the store."""
+        return _reopen, (self.url, self.storage_options, self.auto_pack, self.read_only)
 
     def __repr__(self) -> str:
-        return f"FeatureStore({self.url!r})"
+        return f"FeatureStore({self.url!r}{', read_only=True' if self.read_only else ''})"
 
     @staticmethod
     def _run(coro: Coroutine[Any, Any, T]) -> T:
         return sync(coro)
 
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(f"feature store {self.url} is open read-only; cannot {what}")
+
     async def _open_root(self) -> None:
         attrs = await entries.get_attrs(self._store, "")
         if attrs is None:
+            if self.read_only:
+                raise FeatureStoreNotFoundError(
+                    f"no feature store at {self.url} (no zarr.json; opened read-only, so none is created)"
+                )
+            children = await entries.list_children(self._store, "")
+            if children:
+                shown = ", ".join(repr(c) for c in sorted(children)[:3])
+                raise NotAFeatureStoreError(
+                    f"{self.url} is not empty and not a feature store (it holds {shown}"
+                    f"{', ...' if len(children) > 3 else ''}); point the store at a new or existing store"
+                )
             await entries.put_group(self._store, "", {_ROOT_ATTR: {"layout": LAYOUT_VERSION}}, exclusive=True)
             attrs = await entries.get_attrs(self._store, "") or {}
         info = attrs.get(_ROOT_ATTR)
         if not isinstance(info, dict):
-            raise FeatureStoreError(f"{self.url} is a Zarr group but not a MamFusion feature store")
+            raise NotAFeatureStoreError(f"{self.url} is a Zarr group but not a MamFusion feature store")
         if info.get("layout") != LAYOUT_VERSION:
             raise FeatureStoreError(
                 f"{self.url} has feature-store layout {info.get('layout')!r}; this code reads layout "
@@ -243,7 +354,7 @@ class FeatureStore:
     ) -> None:
         """Record what a fingerprint means (idempotent); a different kind/dim/config for it is an error."""
         _check_segment(fingerprint, "extractor fingerprint")
-        if kind not in _NAMESPACE:
+        if not isinstance(kind, str) or kind not in _NAMESPACE:
             raise FeatureStoreError(
                 f"extractor {fingerprint!r}: kind must be 'visual' or 'text', got {kind!r}"
             )
@@ -259,8 +370,11 @@ class FeatureStore:
             "config": _jsonable(config, f"extractor {fingerprint!r} config"),
         }
         path = f"extractors/{fingerprint}"
-        self._run(entries.put_group(self._store, path, info, exclusive=True))
+        if not self.read_only:
+            self._run(entries.put_group(self._store, path, info, exclusive=True))
         stored = self._run(entries.get_attrs(self._store, path))
+        if stored is None:
+            self._writable(f"register extractor {fingerprint!r}")
         if stored != info:
             differ = sorted(k for k in info if (stored or {}).get(k) != info[k])
             raise FeatureStoreError(
@@ -273,10 +387,20 @@ class FeatureStore:
         """{"kind", "dim", "config"} of a registered fingerprint (a copy: the config rebuilds encoders)."""
         if fingerprint not in self._extractors:
             _check_segment(fingerprint, "extractor fingerprint")
-            info = self._run(entries.get_attrs(self._store, f"extractors/{fingerprint}"))
+            path = f"extractors/{fingerprint}"
+            info = self._run(entries.get_attrs(self._store, path))
             if info is None:
                 raise MissingFeatureError(
                     f"extractor fingerprint {fingerprint!r} is not registered in {self.url}",
+                    fingerprint=fingerprint,
+                )
+            problem = _extractor_problem(info)
+            if problem:
+                raise DamagedStoreError(
+                    self.url,
+                    f"extractor registration {fingerprint!r}",
+                    entries.meta_key(path),
+                    problem,
                     fingerprint=fingerprint,
                 )
             self._extractors[fingerprint] = info
@@ -313,6 +437,7 @@ class FeatureStore:
         attrs: dict[str, Any] | None = None,
     ) -> None:
         """Store one video's rows; readers see it only once complete, and a rewrite replaces it whole."""
+        self._writable(f"write video {sha256}")
         key = _check_segment(sha256, "video sha256")
         what = f"video {sha256} ({fingerprint})"
         spec = self._feature_spec(fingerprint, "visual")
@@ -376,7 +501,12 @@ class FeatureStore:
             entries.get_attrs(self._store, f"names/{fp}/{_name_key(v)}") for v in video_ids
         )
         named = {
-            v: r["sha256"] for v, r in zip(video_ids, records, strict=True) if r and r.get("video_id") == v
+            v: r["sha256"]
+            for v, r in zip(video_ids, records, strict=True)
+            if r
+            and r.get("video_id") == v
+            and isinstance(r.get("sha256"), str)
+            and _SEGMENT.match(r["sha256"])
         }
         pack = await packs.load_pack(self._store, VIDEOS, fp, self._packs)
         packed = pack.position if pack else {}
@@ -397,6 +527,7 @@ class FeatureStore:
 
     def write_queries(self, fingerprint: str, texts: Sequence[str], features: Sequence[Any]) -> None:
         """Store token features per text; a text given twice must come with equal features."""
+        self._writable("write query features")
         spec = self._feature_spec(fingerprint, "text")
         if len(texts) != len(features):
             raise FeatureStoreError(f"write_queries: {len(texts)} texts but {len(features)} feature arrays")
@@ -451,6 +582,7 @@ class FeatureStore:
         Entries written later are still read, one by one, until the next pack. Packs replaced more than
         PACK_RETENTION_S ago are deleted here, so repeated packing does not pile up copies.
         """
+        self._writable(f"pack {fingerprint!r}")
         kind = self.extractor_info(fingerprint)["kind"]
         specs = [self._feature_spec(fingerprint, kind)] + ([_TIMES] if kind == "visual" else [])
         pack = self._run(packs.build_pack(self._store, _NAMESPACE[kind], fingerprint, specs, self._packs))
@@ -466,8 +598,164 @@ class FeatureStore:
         Killed or superseded writers leave such orphans; readers never see them. The age limit keeps
         writes still in flight safe, so use 0 only when no writer is running.
         """
+        self._writable("collect garbage")
         return self._run(packs.collect_garbage(self._store, [VIDEOS, QUERIES], min_age_s))
 
+    # --- integrity ------------------------------------------------------------------------------------------
+    def verify(self, *, repair: bool = False) -> StoreVerifyReport:
+        """Read and check every committed entry, every current pack chunk, extractor registration and name
+        record (checksums, sizes, row counts, dims).
 
-def _reopen(url: str, storage_options: dict[str, Any], auto_pack: bool) -> FeatureStore:
-    return FeatureStore(url, storage_options, auto_pack=auto_pack)
+        `repair`: drop what is damaged so the next extraction writes it again. A damaged entry loses its
+        commit marker; a (ns, fingerprint) that lost an entry, or whose pack is damaged, stops being served by
+        its pack, which is rebuilt from the intact entries; damaged registrations and name records are
+        deleted (the next extraction writes them again).
+        """
+        if repair:
+            self._writable("repair it")
+        report = StoreVerifyReport(self.url)
+        self._run(self._verify(report))
+        if repair and report.damaged:
+            self._repair(report)
+        return report
+
+    async def _verify(self, report: StoreVerifyReport) -> None:
+        store = self._store
+        registered: dict[str, dict[str, Any]] = {}
+        for fp in [n for n in await entries.list_children(store, "extractors") if n != "zarr.json"]:
+            path = f"extractors/{fp}"
+            try:
+                info = await entries.get_attrs(store, path)
+                problem = "missing" if info is None else _extractor_problem(info)
+            except DamagedStoreError as exc:
+                info, problem = None, exc.reason
+            report.extractors += 1
+            if problem or info is None:
+                report.damaged.append(
+                    StoreDamage("extractor", None, fp, None, entries.meta_key(path), problem or "missing")
+                )
+            else:
+                registered[fp] = info
+        for ns in (VIDEOS, QUERIES):
+            for fp in [n for n in await entries.list_children(store, ns) if n != "zarr.json"]:
+                keys = [k for k in await entries.list_children(store, f"{ns}/{fp}") if k != "zarr.json"]
+                info = registered.get(fp)
+                results = await entries.gather_limited(self._verify_entry(ns, fp, k, info) for k in keys)
+                for result in results:
+                    if isinstance(result, StoreDamage):
+                        report.damaged.append(result)
+                        report.entries += 1
+                    elif result is not None:
+                        report.entries += 1
+                        report.entries_without_checksum += not result
+            for fp in [n for n in await entries.list_children(store, f"packs/{ns}") if n != "zarr.json"]:
+                pack, found, checksummed = await packs.verify_pack(store, ns, fp, self._packs)
+                if pack is None and not found:
+                    continue
+                report.packs += 1
+                report.packs_without_checksum += not checksummed and not found
+                stage = pack.stage if pack else None
+                report.damaged.extend(
+                    StoreDamage("pack", ns, fp, stage, d.key, d.reason, affected=d.entries) for d in found
+                )
+        for fp in [n for n in await entries.list_children(store, "names") if n != "zarr.json"]:
+            names = [k for k in await entries.list_children(store, f"names/{fp}") if k != "zarr.json"]
+            found = await entries.gather_limited(self._verify_name(fp, k) for k in names)
+            report.names += len(names)
+            report.damaged.extend(d for d in found if d is not None)
+
+    async def _verify_entry(
+        self, ns: str, fp: str, key: str, info: dict[str, Any] | None
+    ) -> StoreDamage | bool | None:
+        """None: not committed; True/False: intact, with/without checksums; else what is damaged."""
+        try:
+            marker = await entries.read_marker(self._store, ns, fp, key)
+        except DamagedStoreError as exc:
+            return StoreDamage("entry", ns, fp, key, exc.key, exc.reason)
+        if marker is None:
+            return None
+        vid = marker.get("video_id") if isinstance(marker.get("video_id"), str) else None
+        try:
+            names = packs.ARRAYS[ns]
+            arrays, checksummed = await entries.read_entry_arrays(self._store, ns, fp, key, marker, names)
+        except DamagedStoreError as exc:
+            return StoreDamage("entry", ns, fp, key, exc.key, exc.reason, video_id=vid)
+        widths = {"features": info["dim"] if info else None, "times": 2}
+        for name, values in arrays.items():
+            if widths.get(name) is not None and values.shape[1] != widths[name]:
+                base = f"{entries.entry_path(ns, fp, key)}/{marker['commit']}/{name}"
+                reason = f"{name} have width {values.shape[1]}, expected {widths[name]}"
+                return StoreDamage("entry", ns, fp, key, entries.meta_key(base), reason, video_id=vid)
+        return checksummed
+
+    async def _verify_name(self, fp: str, key: str) -> StoreDamage | None:
+        path = f"names/{fp}/{key}"
+        try:
+            record = await entries.get_attrs(self._store, path)
+        except DamagedStoreError as exc:
+            return StoreDamage("name", None, fp, key, exc.key, exc.reason)
+        ok = (
+            record is not None
+            and isinstance(record.get("video_id"), str)
+            and _name_key(record["video_id"]) == key
+            and isinstance(record.get("sha256"), str)
+            and bool(_SEGMENT.match(record["sha256"]))
+        )
+        if ok or record is None:
+            return None
+        return StoreDamage(
+            "name", None, fp, key, entries.meta_key(path), f"not a name record: {record!r:.80}"
+        )
+
+    def _repair(self, report: StoreVerifyReport) -> None:
+        store = self._store
+        refresh: set[tuple[str, str]] = set()
+        for damage in report.damaged:
+            if damage.kind == "entry" and damage.namespace and damage.fingerprint and damage.entry:
+                path = entries.entry_path(damage.namespace, damage.fingerprint, damage.entry)
+                self._run(store.delete(entries.meta_key(path)))
+                refresh.add((damage.namespace, damage.fingerprint))
+                report.actions.append(f"dropped {damage.namespace}/{damage.fingerprint}/{damage.entry}")
+            elif damage.kind == "pack" and damage.namespace and damage.fingerprint:
+                refresh.add((damage.namespace, damage.fingerprint))
+            elif damage.kind in ("extractor", "name"):
+                self._run(store.delete(damage.key))
+                report.actions.append(f"deleted {damage.key}")
+            else:
+                continue
+            damage.repaired = True
+        self._packs.clear()
+        self._extractors.clear()
+        for ns, fp in sorted(refresh):
+            try:
+                had_pack = self._run(entries.get_attrs(store, packs.pack_path(ns, fp))) is not None
+            except DamagedStoreError:
+                had_pack = True
+            if not had_pack:
+                continue
+            self._run(packs.drop_pack(store, ns, fp))
+            report.actions.append(f"stopped serving the pack of {ns}/{fp}")
+            try:
+                info = self.pack(fp)
+            except FeatureStoreError as exc:
+                report.actions.append(f"could not rebuild the pack of {ns}/{fp} ({exc}); run `pack` later")
+            else:
+                report.actions.append(f"rebuilt the pack of {ns}/{fp} ({info.entries} entries)")
+
+
+def _extractor_problem(info: dict[str, Any]) -> str | None:
+    """Why an extractor registration is unusable, or None."""
+    dim, kind = info.get("dim"), info.get("kind")
+    if not isinstance(kind, str) or kind not in _NAMESPACE:
+        return f"kind {kind!r:.40}"
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        return f"dim {dim!r}"
+    if not isinstance(info.get("config"), dict):
+        return "config is not an object"
+    return None
+
+
+def _reopen(
+    url: str, storage_options: dict[str, Any], auto_pack: bool, read_only: bool = False
+) -> FeatureStore:
+    return FeatureStore(url, storage_options, auto_pack=auto_pack, read_only=read_only)

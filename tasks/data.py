@@ -9,6 +9,8 @@ per-item store round-trips. A training item is one video with all its captions (
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +25,7 @@ from models.preprocess import QueryBatch, VideoBatch, collate_queries, collate_v
 from storage.annotations import AnnotationSet, QueryRecord
 from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
+from storage.registry import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class SplitData:
     text_fingerprint: str
     visual_dim: int
     query_dim: int
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"kind", "id", "reason"}
+    skipped: list[Skipped] = field(default_factory=list)
+    n_distractors: int = 0  # trailing gallery videos from outside the split (no queries of their own)
 
     def check_dims(self, model: MamFusionConfig) -> None:
         check_feature_dims(
@@ -60,6 +64,16 @@ class SplitData:
         for i, sha in enumerate(self.video_sha256):
             by_sha.setdefault(sha, []).append(i)
         return [by_sha[self.video_sha256[v]] for v in self.query_video]
+
+    def digest(self) -> str:
+        """sha256 of exactly what was read: videos (id, content) and queries (id, text, video)."""
+        payload = {
+            "name": self.name,
+            "videos": list(zip(self.video_ids, self.video_sha256, strict=True)),
+            "queries": [(q.query_id, q.text, self.query_video[i]) for i, q in enumerate(self.queries)],
+            "fingerprints": [self.visual_fingerprint, self.text_fingerprint],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def captions_by_video(self) -> list[list[int]]:
         """Per video, the indices of its queries in file order (empty for a gallery-only video)."""
@@ -115,14 +129,15 @@ def store_dims(store: FeatureStore, visual_fp: str, text_fp: str) -> tuple[tuple
     return visual, text
 
 
-def _skip(skipped: list[dict[str, str]], kind: str, item_id: str, reason: str) -> None:
-    skipped.append({"kind": kind, "id": item_id, "reason": reason})
+def _skip(skipped: list[Skipped], kind: str, item_id: str, reason: str) -> None:
+    skipped.append(Skipped(kind=kind, id=item_id, reason=reason))
 
 
 def _read_videos(
-    store: FeatureStore, video_ids: list[str], fp: str, skipped: list[dict[str, str]]
+    store: FeatureStore, video_ids: list[str], fp: str, skipped: list[Skipped]
 ) -> tuple[list[str], list[str], list[np.ndarray], list[np.ndarray]]:
-    """(ids, sha256s, features, times) of the videos that have features; identical content is read once."""
+    """(ids, sha256s, features, times) of the videos that have usable features; identical content is read
+    once. Non-finite rows are refused here, whatever wrote them: one NaN video would poison every score."""
     resolved = store.resolve_video_ids(fp, video_ids)
     for vid in video_ids:
         if vid not in resolved:
@@ -137,6 +152,10 @@ def _read_videos(
         if vf.features.ndim != 2 or vf.features.shape[0] == 0:
             _skip(skipped, "video", vid, f"empty feature array {vf.features.shape}")
             continue
+        bad = ~np.isfinite(vf.features).all(axis=1)
+        if bad.any():
+            _skip(skipped, "video", vid, f"{int(bad.sum())} feature rows are not finite (row {bad.argmax()})")
+            continue
         ids.append(vid)
         shas.append(resolved[vid])
         feats.append(np.ascontiguousarray(vf.features, dtype=np.float32))
@@ -149,7 +168,7 @@ def _read_queries(
     queries: list[QueryRecord],
     index: dict[str, int],
     fp: str,
-    skipped: list[dict[str, str]],
+    skipped: list[Skipped],
 ) -> tuple[list[QueryRecord], list[np.ndarray], list[int]]:
     """Queries whose video was kept and whose text has token features, with those features and video index."""
     candidates = []
@@ -164,8 +183,14 @@ def _read_queries(
     kept, feats, owner = [], [], []
     for q in candidates:
         tok = tokens.get(q.text)
-        if tok is None or tok.ndim != 2 or tok.shape[0] == 0:
-            reason = "no text features" if tok is None else f"empty token array {tok.shape}"
+        if tok is None or tok.ndim != 2 or tok.shape[0] == 0 or not np.isfinite(tok).all():
+            reason = (
+                "no text features"
+                if tok is None
+                else f"empty token array {tok.shape}"
+                if tok.ndim != 2 or tok.shape[0] == 0
+                else "non-finite token features"
+            )
             _skip(skipped, "query", q.query_id, f"{reason} under text fingerprint {fp}")
             continue
         kept.append(q)
@@ -182,19 +207,28 @@ def load_split(
     text_fp: str,
     *,
     name: str | None = None,
+    distractors: Sequence[str] = (),
 ) -> SplitData:
     """Bulk-read one split (`None` = all of `annotations`); items without features are skipped with a reason.
 
-    `name` labels the result (default: the split, or "all").
+    `name` labels the result (default: the split, or "all"). `distractors` are further video ids appended to
+    the gallery without queries (videos missing from the store are skipped), so the split's queries are
+    ranked against a gallery large enough to mean something.
     """
     ann = annotations.split(split) if split else annotations
     name = name or split or "all"
     if not ann.queries:
         raise DataError(f"no queries in split {name!r}")
-    skipped: list[dict[str, str]] = []
+    skipped: list[Skipped] = []
     ids, shas, feats, times = _read_videos(store, ann.video_ids(), visual_fp, skipped)
     index = {v: i for i, v in enumerate(ids)}
     queries, query_feats, query_video = _read_queries(store, ann.queries, index, text_fp, skipped)
+    own = set(ann.video_ids())
+    extra = [v for v in dict.fromkeys(distractors) if v not in own]
+    unused: list[Skipped] = []  # a distractor without features is simply not in the gallery
+    more = _read_videos(store, extra, visual_fp, unused) if extra else ([], [], [], [])
+    for lst, add in zip((ids, shas, feats, times), more, strict=True):
+        lst.extend(add)
     if not queries:
         raise DataError(f"split {name!r}: no query has both video and text features ({len(skipped)} skipped)")
     if skipped:
@@ -214,6 +248,7 @@ def load_split(
         vdim,
         qdim,
         skipped,
+        len(more[0]),
     )
 
 

@@ -5,10 +5,21 @@ at the centres of equal sub-intervals (1 frame per window = a frame rate of 1/wi
 frames per window = one segment for a 3D backbone). Every window carries its start/end time in seconds from
 the first frame.
 
+Never faster than the file: when the profile asks for more frames per second than the video has
+(`frames_per_window / window_s > fps`, e.g. a 1-fps clip under the lite profile's 0.5 s windows), windows are
+stretched to `frames_per_window / fps` seconds, so every row holds distinct frames (a 1-fps clip gives one
+1 s row per frame) instead of the same frame repeated over several rows. `SamplingPlan.window_s` is the length
+used and `SamplingPlan.native_rate` says it was stretched; the extractor notes it once per video. The last
+window ends at the video's duration; a trailing window within the precision of decord's float32 timestamps
+(a 31 s video is 31.0000005 s long: at 0.5 s windows it ended with a row [31.0, 31.0000005]) is merged into
+the one before it, so no row is empty or shorter than that precision. Real tails, however short (4 ms of the
+last frame of a 4.004 s NTSC clip), keep their row.
+
 Why this shape: frames are mapped to times through the container's per-frame timestamps (correct for variable
-frame rate), decoded a chunk of windows at a time (memory does not grow with video length; decord's
-`get_batch` on a whole long video is a known RAM blow-up), resized by the decoder itself (a 4K frame never
-lands in Python; measured faster than decoding at source size and resizing in torch) and centre-cropped.
+frame rate; `storage.catalog.read_frame_times`, the one definition the catalog uses too, falls back to i/fps
+for AVIs without timestamps), decoded a chunk of windows at a time (memory does not grow with video length;
+decord's `get_batch` on a whole long video is a known RAM blow-up), resized by the decoder itself (a 4K frame
+never lands in Python; measured faster than decoding at source size and resizing in torch) and centre-cropped.
 decord applies the container's rotation (display matrix) itself: frames come out upright and sizes are as
 displayed (checked against PyAV + the matrix on rotated_90.mov in the tests). Samples past the last frame
 repeat the last frame and are counted in `SamplingPlan.padded`. Anything decord cannot read, at open time or
@@ -22,18 +33,19 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import decord
 import numpy as np
 
+from storage.catalog import TimestampSource, clean_reason, read_frame_times, stream_problem
 from storage.errors import MamFusionError
 
 
 class DecodeError(MamFusionError):
-    """A video that cannot be decoded (fully or part-way); `reason` says why."""
+    """A video that cannot be decoded (fully or part-way); `reason` (one printable line) says why."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
+        reason = clean_reason(reason)
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
@@ -49,7 +61,7 @@ class VideoInfo:
     duration: float
     width: int
     height: int
-    timestamps: Literal["container", "nominal"]  # where frame times come from
+    timestamps: TimestampSource  # where frame times come from
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ class SamplingPlan:
     indices: np.ndarray  # (W, F) int64 frame indices, clamped to the video
     times: np.ndarray  # (W, 2) float64 start/end seconds
     padded: int  # sample positions past the end of the video (filled with the last frame)
+    window_s: float  # window length used: the requested one, or longer for a low frame rate
+    native_rate: bool = False  # window_s was stretched to sample at the video's own frame rate
 
 
 @dataclass(frozen=True)
@@ -70,31 +84,43 @@ class FrameChunk:
 
 
 def plan_windows(
-    starts: np.ndarray, duration: float, window_s: float, frames_per_window: int
+    starts: np.ndarray,
+    duration: float,
+    window_s: float,
+    frames_per_window: int,
+    fps: float | None = None,
 ) -> SamplingPlan:
-    """Sample times at sub-interval centres, mapped to the frame on screen at that time (VFR-safe)."""
+    """Sample times at sub-interval centres, mapped to the frame on screen at that time (VFR-safe).
+
+    With `fps`, windows stretch to `frames_per_window / fps` when that is longer than `window_s` (never
+    sample faster than the video). A trailing window within float32 timestamp precision joins the one before.
+    """
     if window_s <= 0 or frames_per_window < 1:
         raise ValueError(
             f"window_s must be > 0 and frames_per_window >= 1, got {window_s}, {frames_per_window}"
         )
-    n_windows = max(1, math.ceil(duration / window_s - 1e-6))
-    offsets = (np.arange(frames_per_window) + 0.5) * (window_s / frames_per_window)
-    window_starts = np.arange(n_windows) * window_s
+    if not duration > 0 or len(starts) == 0:
+        raise ValueError(f"need at least one frame and a positive duration, got {len(starts)}, {duration}")
+    native = fps is not None and frames_per_window / fps > window_s
+    window = frames_per_window / fps if native and fps is not None else window_s
+    n_windows = max(1, math.ceil(duration / window - 1e-9))
+    if n_windows > 1 and duration - (n_windows - 1) * window <= timestamp_precision(duration):
+        n_windows -= 1  # a sliver past the last full window: timestamp rounding, not content
+    offsets = (np.arange(frames_per_window) + 0.5) * (window / frames_per_window)
+    window_starts = np.arange(n_windows) * window
     sample_times = window_starts[:, None] + offsets[None, :]
     indices = np.searchsorted(starts, sample_times, side="right") - 1
     indices = np.clip(indices, 0, len(starts) - 1).astype(np.int64)
-    ends = np.minimum(window_starts + window_s, duration)
+    ends = np.minimum(window_starts + window, duration)
+    ends[-1] = duration  # the last row covers the video to its end
     times = np.stack([window_starts, ends], axis=1).astype(np.float64)
-    return SamplingPlan(indices=indices, times=times, padded=int((sample_times >= duration).sum()))
+    padded = int((sample_times >= duration).sum())
+    return SamplingPlan(indices, times, padded, float(window), bool(native))
 
 
-def _frame_starts(reader: decord.VideoReader, fps: float) -> tuple[np.ndarray, str]:
-    """Per-frame start times from the container, or i/fps when the container's are unusable (e.g. AVI)."""
-    n = len(reader)
-    stamps = np.asarray(reader.get_frame_timestamp(list(range(n))), dtype=np.float64)[:, 0]
-    if np.all(np.isfinite(stamps)) and stamps[0] >= -1e-3 and np.all(np.diff(stamps) >= 0):
-        return stamps - stamps[0], "container"
-    return np.arange(n) / fps, "nominal"
+def timestamp_precision(seconds: float) -> float:
+    """How far a time near `seconds` may be off after float32 (decord's stamps), with a margin of 4."""
+    return max(1e-6, 4.0 * float(np.spacing(np.float32(seconds))))
 
 
 def _decode_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
@@ -123,11 +149,12 @@ class VideoStream:
         self.frames_decoded = 0
         try:
             probe = decord.VideoReader(self.path, num_threads=1)
-            height, width = probe[0].shape[:2]
             n, fps = len(probe), float(probe.get_avg_fps())
-            if n == 0 or not math.isfinite(fps) or fps <= 0:
-                raise DecodeError(self.path, f"no usable video stream ({n} frames, {fps} fps)")
-            starts, source = _frame_starts(probe, fps)
+            problem = stream_problem(n, fps)
+            if problem:
+                raise DecodeError(self.path, problem)
+            height, width = probe[0].shape[:2]
+            frame_times = read_frame_times(probe)
             del probe
             size = _decode_size(width, height, short_side)
             self._reader = decord.VideoReader(
@@ -135,9 +162,9 @@ class VideoStream:
             )
         except (decord.DECORDError, RuntimeError) as err:  # decord raises RuntimeError for non-videos
             raise DecodeError(self.path, f"cannot open: {_first_line(err)}") from err
-        duration = float(starts[-1] + 1.0 / fps)
-        self.info = VideoInfo(self.path, n, fps, duration, width, height, source)
-        self.plan = plan_windows(starts, duration, window_s, frames_per_window)
+        duration = frame_times.duration
+        self.info = VideoInfo(self.path, n, fps, duration, width, height, frame_times.source)
+        self.plan = plan_windows(frame_times.starts, duration, window_s, frames_per_window, fps)
 
     def chunks(self, chunk_windows: int = 16) -> Iterator[FrameChunk]:
         """Decode `chunk_windows` windows at a time (each distinct frame once), in time order."""

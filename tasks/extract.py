@@ -3,9 +3,11 @@
 Cache key = (video sha256 | text, extractor fingerprint): work already in the store is skipped before anything
 is decoded or any model is loaded (models load lazily, on the first video that needs them). Decoding the next
 chunk runs in a prefetch thread while the backbone works on the current one (decord and torch both release the
-GIL). Videos that cannot be decoded are returned as skipped with the reason; everything else that fails raises
-(so an orchestrator can retry transient errors). `VisualExtractor.stats` counts decoding and inference so
-callers and tests can see that a cached run did none.
+GIL). Videos that cannot be decoded are returned as skipped with the reason (one printable line: decoder logs
+carry NULs); everything else that fails raises (so an orchestrator can retry transient errors). A video whose
+frame rate is below the profile's sampling rate is sampled at its own rate (see `tasks.decode`): its outcome
+carries a `note` saying so, and its stored attrs the `window_s` used. `VisualExtractor.stats` counts decoding
+and inference so callers and tests can see that a cached run did none.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from models.backbones import WindowEncoder, build_backbone
 from models.text_backbones import TextEncoder
-from storage.catalog import VideoRecord, sha256_file
+from storage.catalog import VideoRecord, clean_reason, sha256_file
 from storage.feature_store import FeatureStore, MissingFeatureError
 from tasks.decode import DecodeError, FrameChunk, VideoStream
 from tasks.device import resolve_device
@@ -135,6 +137,8 @@ class VisualExtractor:
             "height": info.height,
             "timestamps": info.timestamps,
             "padded_frames": stream.plan.padded,
+            "window_s": stream.plan.window_s,
+            "native_rate": stream.plan.native_rate,
         }
         return features, stream.plan.times, attrs
 
@@ -152,12 +156,22 @@ class VisualExtractor:
         return np.concatenate(out)
 
 
+def native_rate_note(fps: float, window_s: float, frames_per_window: int, used_s: float) -> str:
+    """The one line a run reports for a video sampled at its own, lower, frame rate."""
+    rate = frames_per_window / window_s
+    return (
+        f"{fps:g} fps is below the profile's {rate:g} frames/s: sampled every frame once, "
+        f"rows of {used_s:g} s instead of {window_s:g} s"
+    )
+
+
 @dataclass(frozen=True)
 class ExtractOutcome:
     video_id: str
     path: str
     status: Literal["extracted", "cached", "skipped"]
     reason: str | None = None
+    note: str | None = None  # something a run should report about a video that was extracted
 
 
 @dataclass
@@ -167,12 +181,15 @@ class ExtractSummary:
     cached: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     stats: ExtractStats = field(default_factory=ExtractStats)
+    notes: list[dict[str, str]] = field(default_factory=list)  # {"path", "note"}
 
     def add(self, outcome: ExtractOutcome) -> None:
         if outcome.status == "skipped":
             self.skipped.append({"path": outcome.path, "reason": outcome.reason or "unknown"})
         else:
             getattr(self, outcome.status).append(outcome.video_id)
+        if outcome.note:
+            self.notes.append({"path": outcome.path, "note": outcome.note})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,8 +201,8 @@ def extract_video(
     """Extract one catalogued video unless the store has it; a given `fingerprint` must be the extractor's."""
     if fingerprint is not None and fingerprint != extractor.fingerprint:
         raise ValueError(f"fingerprint {fingerprint} does not match the extractor's {extractor.fingerprint}")
-    if record.error is not None:
-        return ExtractOutcome(record.video_id, record.path, "skipped", record.error)
+    if record.error is not None:  # a catalog written before reasons were cleaned may hold NULs
+        return ExtractOutcome(record.video_id, record.path, "skipped", clean_reason(record.error))
     sha = record.sha256 or sha256_file(record.path)
     if store.has_video(sha, extractor.fingerprint):
         return ExtractOutcome(record.video_id, record.path, "cached")
@@ -196,7 +213,12 @@ def extract_video(
         return ExtractOutcome(record.video_id, record.path, "skipped", err.reason)
     extractor.register(store)
     store.write_video(sha, extractor.fingerprint, features, times, video_id=record.video_id, attrs=attrs)
-    return ExtractOutcome(record.video_id, record.path, "extracted")
+    note = None
+    if attrs["native_rate"]:
+        cfg = extractor.cfg
+        note = native_rate_note(attrs["source_fps"], cfg.window_s, cfg.frames_per_window, attrs["window_s"])
+        log.info("%s: %s", record.path, note)
+    return ExtractOutcome(record.video_id, record.path, "extracted", note=note)
 
 
 def extract_videos(

@@ -1,158 +1,126 @@
-"""Publishing trained runs: versioned model directories and a champion/challenger `current` pointer.
+"""Publishing trained runs: champion/challenger under one lock, and nothing new for an identical challenger.
 
-Layout under a models folder:
-
-    models/<version>/     a copy of the training run (weights, config, features.json, metrics, report, plots),
-                          without the resumable checkpoint; plus publish.json (the decision and why)
-    models/current        one line: the version serving searches. Replaced atomically, so a reader sees the
-                          old or the new version, never half a file.
-
-A challenger becomes current only if its SumR on the evaluation split is at least the champion's on the *same*
-split (the champion is re-evaluated on today's split, never compared by the number it got on an older one).
+`publish` holds the models folder's lock across read-champion, evaluate, compare and swap-`current`, so two
+pipelines publishing at once serialise: the second compares against whatever the first left current, and
+both publish.json files stay true. Only a strictly better SumR on the same split and gallery replaces the
+champion (a tie keeps it: a re-run must not churn versions), and a challenger trained with exactly the
+champion's config on exactly its data publishes nothing at all.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from storage.annotations import read_annotations
-from storage.catalog import write_text_atomic
-from storage.errors import MamFusionError
+from pydantic import BaseModel, ConfigDict
+
+from storage.registry import ModelDir, ModelRegistry, PublishRecord, RetrievalMetrics, RunDir
 from tasks.evaluate import evaluate_saved_run
+from tasks.metrics import describe_gallery
+from tasks.train import TrainRequest, plan_splits
 
 log = logging.getLogger(__name__)
 
-CURRENT = "current"
-PUBLISH_FILE = "publish.json"
-_NOT_PUBLISHED = ("checkpoints",)  # optimiser state for resuming; not part of a model
+ChampionEvaluator = Callable[[ModelDir], RetrievalMetrics]
 
 
-class PublishError(MamFusionError, RuntimeError):
-    """The models folder is not in a state we can publish into (e.g. `current` names a missing version)."""
+class PublishOutcome(BaseModel):
+    """What a publish did: a new version or none, whether it became current, and why."""
 
+    model_config = ConfigDict(frozen=True)
 
-@dataclass(frozen=True)
-class Decision:
-    """Whether the challenger replaced the champion, with the numbers that decided it."""
-
-    version: str
-    model_dir: str
+    published: bool
     promoted: bool
-    reason: str
-    split: str
-    challenger_sumr: float
-    champion_version: str | None
-    champion_sumr: float | None
+    version: str | None  # None when nothing was published
     current: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def new_version(run_id: str, now: dt.datetime | None = None) -> str:
-    """Sortable, unique per run: UTC time, then the first characters of the run id."""
-    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{run_id.replace('-', '')[:8]}"
+    reason: str
+    record: PublishRecord | None = None
 
 
-def read_current(models_dir: str | Path) -> str | None:
-    """The current version, or None before the first publish."""
-    pointer = Path(models_dir) / CURRENT
-    if not pointer.is_file():
-        return None
-    version = pointer.read_text().strip()
-    if not (Path(models_dir) / version).is_dir():
-        raise PublishError(f"{pointer} names version {version!r}, which is not in {models_dir}")
-    return version
-
-
-def set_current(models_dir: str | Path, version: str) -> None:
-    if not (Path(models_dir) / version).is_dir():
-        raise PublishError(f"cannot make {version!r} current: {Path(models_dir) / version} does not exist")
-    write_text_atomic(Path(models_dir) / CURRENT, version + "\n")
-
-
-def decide(challenger_sumr: float, champion_sumr: float | None, split: str) -> tuple[bool, str]:
-    """Promote without a champion, or when the challenger is at least as good (a tie favours the newer)."""
-    if champion_sumr is None:
+def decide(challenger: RetrievalMetrics, champion: RetrievalMetrics | None) -> tuple[bool, str]:
+    """Promote without a champion, or when the challenger's SumR is strictly higher on the same evaluation."""
+    if champion is None:
         return True, "no current model yet"
-    if challenger_sumr >= champion_sumr:
-        return True, f"SumR {challenger_sumr:.2f} >= current model's {champion_sumr:.2f} on split {split!r}"
-    return False, f"SumR {challenger_sumr:.2f} < current model's {champion_sumr:.2f} on split {split!r}"
-
-
-def evaluate_model(
-    model_dir: str | Path, store_url: str, annotations: str | Path, split: str, fmt: str | None = None
-) -> dict[str, Any]:
-    """Metrics of a published model on `split` of an annotation file, with the features it was trained on."""
-    ann = read_annotations(annotations, fmt, skip_malformed=True)
-    subset = ann.split(split) if split in ann.splits() else ann
-    result, _ = evaluate_saved_run(model_dir, subset, name=split, store_url=store_url, details=False)
-    return {"split": split, **result.metrics}
-
-
-def copy_run(run_dir: str | Path, models_dir: str | Path, version: str) -> Path:
-    """Copy a training run into models/<version> (via a temp name, so a half copy is never a version)."""
-    target = Path(models_dir) / version
-    if target.exists():
-        raise PublishError(f"{target} already exists; versions are never overwritten")
-    tmp = target.with_name(f".{version}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns(*_NOT_PUBLISHED))
-    tmp.rename(target)
-    return target
+    where = describe_gallery(challenger)
+    if (champion.split, champion.n_videos, champion.n_queries) != (
+        challenger.split,
+        challenger.n_videos,
+        challenger.n_queries,
+    ):
+        where += f" (the champion could only be ranked on {describe_gallery(champion)})"
+    if challenger.sumr > champion.sumr:
+        return True, f"SumR {challenger.sumr:.2f} > current model's {champion.sumr:.2f} on {where}"
+    return False, (
+        f"SumR {challenger.sumr:.2f} <= current model's {champion.sumr:.2f} on {where}; only a strictly "
+        "better model replaces it"
+    )
 
 
 def publish(
-    run_dir: str | Path,
-    models_dir: str | Path,
+    run: RunDir,
+    registry: ModelRegistry,
     version: str,
-    challenger: dict[str, Any],
-    champion: dict[str, Any] | None,
-) -> Decision:
-    """Publish `run_dir` as `version`; move `current` to it if it wins (see `decide`).
+    challenger: RetrievalMetrics,
+    evaluate_champion: ChampionEvaluator,
+) -> PublishOutcome:
+    """Publish `run` as `version` and make it current if it wins; see the module docstring.
 
-    `challenger` and `champion` are metrics dicts on the same split; `champion` also carries its `version`.
-    The decision is written to models/<version>/publish.json and appended to its report.md.
+    `evaluate_champion` ranks a model on the challenger's split and gallery; it is called under the lock
+    with whichever model is current then.
     """
-    models = Path(models_dir)
-    models.mkdir(parents=True, exist_ok=True)
-    target = copy_run(run_dir, models, version)
-    champion_sumr = None if champion is None else float(champion["sumr"])
-    promoted, reason = decide(float(challenger["sumr"]), champion_sumr, challenger["split"])
-    if promoted:
-        set_current(models, version)
-    decision = Decision(
-        version=version,
-        model_dir=str(target),
-        promoted=promoted,
-        reason=reason,
-        split=challenger["split"],
-        challenger_sumr=float(challenger["sumr"]),
-        champion_version=None if champion is None else champion["version"],
-        champion_sumr=champion_sumr,
-        current=version if promoted else champion["version"],  # type: ignore[index]
-    )
-    (target / PUBLISH_FILE).write_text(json.dumps(decision.to_dict(), indent=2))
-    report = target / "report.md"
-    if report.is_file():
-        with open(report, "a") as f:
-            f.write("\n" + render_decision(decision))
+    with registry.lock():
+        champion = registry.current()
+        if champion is not None and champion.same_training(run):
+            reason = f"identical to the current model {champion.version} (same config, same data)"
+            log.info("nothing published: %s", reason)
+            return PublishOutcome(
+                published=False, promoted=False, version=None, current=champion.version, reason=reason
+            )
+        champion_metrics = None if champion is None else evaluate_champion(champion)
+        promoted, reason = decide(challenger, champion_metrics)
+        model = registry.add_version(run, version)
+        current = version if promoted else champion.version  # type: ignore[union-attr]
+        record = PublishRecord(
+            version=version,
+            promoted=promoted,
+            reason=reason,
+            split=challenger.split,
+            gallery=describe_gallery(challenger),
+            n_videos=challenger.n_videos,
+            n_queries=challenger.n_queries,
+            challenger_sumr=challenger.sumr,
+            champion_version=None if champion is None else champion.version,
+            champion_sumr=None if champion_metrics is None else champion_metrics.sumr,
+            current=current,
+            decided_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        registry.write_publish(model, record)
+        if model.report_file.is_file():
+            with open(model.report_file, "a") as f:
+                f.write("\n" + render_decision(record))
+        if promoted:  # last: `current` never names a version without its publish.json
+            registry.set_current(version)
     log.info("published %s: %s (%s)", version, "now current" if promoted else "kept as candidate", reason)
-    return decision
+    return PublishOutcome(
+        published=True, promoted=promoted, version=version, current=current, reason=reason, record=record
+    )
 
 
-def render_decision(decision: Decision) -> str:
+def evaluate_on_request(model: ModelDir, request: TrainRequest, split: str) -> RetrievalMetrics:
+    """A published model on a training request's evaluated split, with the same gallery the run used."""
+    queries, distractors = plan_splits(request).evaluated(split)
+    result, _ = evaluate_saved_run(
+        model, queries, name=split, store_url=request.store, distractors=distractors, details=False
+    )
+    return result.metrics
+
+
+def render_decision(record: PublishRecord) -> str:
     """The report's publishing section: which model serves searches now, and why."""
     outcome = (
-        f"**{decision.version} is now the current model**"
-        if decision.promoted
-        else f"**{decision.version} was kept as a candidate; {decision.current} stays current**"
+        f"**{record.version} is now the current model**"
+        if record.promoted
+        else f"**{record.version} was kept as a candidate; {record.current} stays current**"
     )
-    return f"## Publishing\n\n{outcome}: {decision.reason}.\n"
+    return f"## Publishing\n\n{outcome}: {record.reason}.\n"

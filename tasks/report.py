@@ -1,4 +1,4 @@
-"""A self-contained run directory: metrics.json, per-query results, PNG plots and a Markdown report.
+"""The human side of a run directory: per-query results, PNG plots and a Markdown report.
 
 Everything a reader needs sits beside the weights (config.json/model.pt come from `save_pretrained`), with
 plots referenced by relative paths so the directory can be copied or published as a whole.
@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from models.config import ExperimentConfig  # noqa: E402
+from storage.registry import RecallTable, RetrievalMetrics, RunDir, RunMetrics, Skipped  # noqa: E402
 from tasks.evaluate import write_per_query  # noqa: E402
 from tasks.metrics import RECALL_KS  # noqa: E402
 
@@ -86,28 +87,64 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def metrics_table(m: RetrievalMetrics) -> list[str]:
+    """Markdown rows: the model, chance on the same gallery, and the tie bound when ties exist."""
+
+    def row(label: str, t: RecallTable, medr: str) -> str:
+        cells = [f"{getattr(t, f'r{k}'):.2f}" + ("†" if k in m.trivial_ks else "") for k in RECALL_KS]
+        return f"| {label} | " + " | ".join(cells) + f" | {t.sumr:.2f} | {medr} |"
+
+    lines = [
+        "| | R@1 | R@5 | R@10 | R@100 | SumR | MedR |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        row("model", m.table(), f"{m.medr:.0f}"),
+        row("chance (random ranking)", m.chance, f"{m.chance_medr:.0f}"),
+    ]
+    if m.optimistic is not None:
+        lines.append(row("model if every tie were won", m.optimistic, "-"))
+    lines.append("")
+    if m.trivial_ks:
+        lines.append(f"† K ≥ gallery size ({m.n_videos} videos): R@K is 100 for any model.")
+    if m.tied_queries:
+        lines.append(
+            f"{m.tied_queries} of {m.n_queries} queries have their correct video tied with another; "
+            "the model row counts those ties against the model."
+        )
+    return lines
+
+
 def render_report(
+    title: str,
     cfg: ExperimentConfig,
-    metrics: dict[str, Any],
+    metrics: RunMetrics,
     plots: dict[str, str],
     worst: Sequence[dict[str, Any]],
-    skipped: Sequence[dict[str, str]],
+    skipped: Sequence[Skipped],
 ) -> str:
     """Markdown body of report.md; `plots` maps a caption to a path relative to the report."""
-    m = metrics
+    m, t = metrics, metrics.training
+    gallery = (
+        f"the split's {m.n_videos - m.n_distractors} videos plus {m.n_distractors} distractor videos from "
+        "other splits (the split's own gallery is too small to mean much alone)"
+        if m.n_distractors
+        else f"the split's own {m.n_videos} videos"
+    )
     lines = [
-        f"# MamFusion run: {cfg.name}",
+        f"# MamFusion: {title}",
         "",
-        f"Evaluated on split **{m.get('split', '?')}**: {m.get('n_queries', '?')} queries over "
-        f"{m.get('n_videos', '?')} videos; best validation epoch {m.get('best_epoch', '?')}.",
+        f"Evaluated on split **{m.split}**: {m.n_queries} queries ranked against a gallery of "
+        f"**{m.n_videos} videos** ({gallery}). Epoch {t.best_epoch} of {t.epochs_run} was selected on "
+        f"validation ({t.validation_gallery}).",
         "",
-        "| R@1 | R@5 | R@10 | R@100 | SumR | MedR |",
-        "|---:|---:|---:|---:|---:|---:|",
-        "| "
-        + " | ".join(f"{m[k]:.2f}" for k in ("r1", "r5", "r10", "r100", "sumr"))
-        + f" | {m['medr']:.0f} |",
+        *metrics_table(m),
         "",
+    ]
+    if t.warnings:
+        lines += ["**Warnings**", "", *[f"- {w}" for w in t.warnings], ""]
+    lines += [
         "## Configuration",
+        "",
+        f"Recipe `{cfg.name}`.",
         "",
         "| key | value |",
         "|---|---|",
@@ -130,34 +167,30 @@ def render_report(
             f"| {r['rank']} | {_md_cell(r['text'])} | {_md_cell(r['video_id'])} | {_md_cell(top3)} |"
         )
     lines += ["", f"## Skipped items ({len(skipped)})", ""]
-    lines += [f"- {s['kind']} `{s['id']}`: {s['reason']}" for s in skipped] or ["None."]
+    lines += [f"- {s.kind} `{_md_cell(s.id)}`: {_md_cell(s.reason)}" for s in skipped] or ["None."]
     return "\n".join(lines) + "\n"
 
 
 def write_report(
-    out_dir: str | Path,
+    run: RunDir,
     cfg: ExperimentConfig,
-    metrics: dict[str, Any],
+    metrics: RunMetrics,
     history: Sequence[dict[str, Any]],
     per_query: Sequence[dict[str, Any]],
-    skipped: Sequence[dict[str, str]] = (),
+    skipped: Sequence[Skipped] = (),
     *,
+    title: str,
     n_worst: int = 20,
 ) -> Path:
-    """Write metrics.json, eval/per_query.jsonl, plots/*.png and report.md into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_per_query(out / "eval" / "per_query.jsonl", list(per_query))
+    """Write eval/per_query.jsonl, plots/*.png and report.md into the run (metrics.json is the run's)."""
+    write_per_query(run.per_query_file, list(per_query))
     plots: dict[str, Path] = {}
     if history:
-        plots["Training loss"] = plot_losses(history, out / PLOTS / "train_loss.png")
-        plots["Validation R@K"] = plot_val_recall(history, out / PLOTS / "val_recall.png")
+        plots["Training loss"] = plot_losses(history, run.plots_dir / "train_loss.png")
+        plots["Validation R@K"] = plot_val_recall(history, run.plots_dir / "val_recall.png")
     ranks = np.array([r["rank"] for r in per_query])
-    plots["Rank distribution"] = plot_ranks(
-        ranks, int(metrics.get("n_videos", ranks.max())), out / PLOTS / "ranks.png"
-    )
-    rel = {caption: p.relative_to(out).as_posix() for caption, p in plots.items()}
-    report = out / "report.md"
-    report.write_text(render_report(cfg, metrics, rel, worst_queries(per_query, n_worst), skipped))
-    return report
+    plots["Rank distribution"] = plot_ranks(ranks, metrics.n_videos, run.plots_dir / "ranks.png")
+    rel = {caption: p.relative_to(run.path).as_posix() for caption, p in plots.items()}
+    body = render_report(title, cfg, metrics, rel, worst_queries(per_query, n_worst), skipped)
+    run.report_file.write_text(body)
+    return run.report_file

@@ -5,28 +5,29 @@ A row is one video: its `n_clips` clip vectors then its pooled vector, all L2-no
 
 - `matmul`: converts each stored sub-block to fp32 in a cache-sized buffer and multiplies. A batch of queries
   shares every conversion, so large batches run at matrix-product speed.
-- `fused` (fp16 indexes): a small C loop (`scan_fp16.c`, compiled with the machine's C compiler on first use
-  and cached) that widens halves in registers and accumulates in fp32. The index is read once at its stored
-  size with no fp32 copy, so a query runs near memory bandwidth (BENCHMARKS.md); it serves up to
-  FUSED_MAX_QUERIES queries per pass, larger batches go to `matmul`.
+- `fused` (fp16 indexes): a small C loop that widens halves in registers and accumulates in fp32. The index
+  is read once at its stored size with no fp32 copy, so a query runs near memory bandwidth (BENCHMARKS.md); it
+  serves up to FUSED_MAX_QUERIES queries per pass, larger batches go to `matmul`. It is the extension module
+  `tasks._scan_fp16` (`_scan_fp16.c`), built when the package is installed and imported from the package's
+  own directory only; nothing is compiled at run time. Built for the architecture's baseline, it picks its
+  vector path (AVX-512, AVX2 + F16C + FMA, portable C) from the CPU at run time. Where the install had no C
+  compiler it is absent, and `auto` searches with `matmul`.
 
 Both compute exact fp32 dot products of the stored values, so they rank identically up to summation order.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -40,12 +41,18 @@ Kernel = Literal["auto", "fused", "matmul"]
 SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays in cache for its product
 FUSED_MAX_QUERIES = 4  # from ~8 queries on, one shared conversion + matrix product is as fast (BENCHMARKS.md)
 MIN_VIDEOS_PER_THREAD = 64  # 64 x 33 x 384 halves = 1.6 MB: a thread's share is worth its hand-off
-KERNEL_SOURCE = Path(__file__).with_name("scan_fp16.c")
-COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+EXTENSION = "tasks._scan_fp16"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PATHS = ("avx512", "avx2", "portable")  # every path the extension has, best first (x86 has all three)
+PATH_ENV = "MAMFUSION_FUSED_PATH"  # forces one of PATHS
+INSTALL_HINT = (
+    "reinstall mamfusion where a C compiler works (`pip install -e .` or `make env`) to build it, "
+    "or search with --kernel matmul"
+)
 
 
 class KernelUnavailableError(MamFusionError, RuntimeError):
-    """The fused kernel was asked for but cannot be built here (no C compiler, no fp16 vector support)."""
+    """The fused kernel was asked for but cannot run here (not built at install, or path unsupported)."""
 
 
 @dataclass(frozen=True)
@@ -74,87 +81,102 @@ def score_matmul(
     return weights[0] * clip + weights[1] * sims[..., -1], best
 
 
-def kernel_cache_dir() -> Path:
-    """Where compiled kernels are kept between runs: `$XDG_CACHE_HOME/mamfusion/kernels` (default
-    ~/.cache/...), or a per-user folder under the temp dir where that cannot be created (read-only home)."""
-    preferred = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mamfusion" / "kernels"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        return preferred
-    except OSError:
-        return Path(tempfile.gettempdir()) / f"mamfusion-kernels-{os.getuid()}"
-
-
-def _compile(source: Path, target: Path) -> None:
-    """Build the shared library with `$CC` (default `cc`), writing it under a temporary name first."""
-    compiler = os.environ.get("CC", "cc")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        try:
-            out = subprocess.run(
-                [compiler, *COMPILE_FLAGS, "-o", str(built), str(source)],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise KernelUnavailableError(f"C compiler {compiler!r} could not run: {e}") from e
-        if out.returncode:
-            first = next((line for line in out.stderr.splitlines() if "error" in line), out.stderr.strip())
-            raise KernelUnavailableError(f"{compiler} could not build {source.name}: {first}")
-        os.replace(built, target)  # atomic: a concurrent process loads a whole library or builds its own
-
-
-def cpu_signature() -> str:
-    """The CPU's instruction-set flags: `-march=native` builds for exactly these, so a library built on one
-    machine (say, a shared home directory on a cluster) must not be loaded on a CPU that lacks one of them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
+def _import_extension() -> ModuleType:
+    """The compiled kernel module, loaded from its file in this package's directory, where the install built
+    it - not through the import system, whose other finders (an editable install's among them) may resolve the
+    name elsewhere, and never from a cache or temp dir."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        file = PACKAGE_DIR / f"{EXTENSION.rpartition('.')[2]}{suffix}"
+        if file.is_file():
+            loader = importlib.machinery.ExtensionFileLoader(EXTENSION, str(file))
+            spec = importlib.util.spec_from_file_location(EXTENSION, file, loader=loader)
+            if spec is None:  # never with an explicit loader; satisfies the type checker
+                raise ImportError(f"cannot load {file}")
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+            return module
+    raise ImportError(f"no {EXTENSION} module file in {PACKAGE_DIR}")
 
 
 @functools.cache
-def _native_library() -> ctypes.CDLL | KernelUnavailableError:
-    """The compiled fused kernel (built once per machine and source version), checked on a probe block
-    against `score_matmul`; or why it is unavailable."""
-    source = KERNEL_SOURCE.read_bytes()
-    build = " ".join([*COMPILE_FLAGS, platform.machine(), cpu_signature()])
-    key = hashlib.sha256(source + build.encode()).hexdigest()
-    target = kernel_cache_dir() / f"scan_fp16-{key[:16]}.so"
+def _extension() -> ModuleType | KernelUnavailableError:
+    """The fused kernel's extension module, or why it cannot be used (remembered: the install does not change
+    while the process runs)."""
     try:
-        if not target.exists():
-            _compile(KERNEL_SOURCE, target)
-        lib = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls: prefetch threads keep reading
-    except (OSError, KernelUnavailableError) as e:
-        return e if isinstance(e, KernelUnavailableError) else KernelUnavailableError(str(e))
-    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.scan_fp16.argtypes = [ptr, i64, i64, i64, ptr, i64, f32, f32, ptr, ptr]
-    lib.scan_fp16.restype = None
-    # d = 72 is no multiple of the unrolled width, so the leftover loops run as well
+        return _import_extension()
+    except ImportError as e:
+        return KernelUnavailableError(
+            f"the fused search kernel (extension module {EXTENSION}) is not part of this installation ({e}); "
+            f"{INSTALL_HINT}"
+        )
+
+
+def fused_paths() -> tuple[str, ...]:
+    """The fused kernel's code paths this CPU can run, best first (empty without the extension)."""
+    ext = _extension()
+    return () if isinstance(ext, KernelUnavailableError) else tuple(ext.paths())
+
+
+def fused_path() -> str:
+    """The code path the fused kernel runs: `$MAMFUSION_FUSED_PATH` where set (to compare paths, or to pin one
+    across machines), else the best this CPU supports."""
+    ext = _extension()
+    if isinstance(ext, KernelUnavailableError):
+        raise ext
+    supported = fused_paths()
+    forced = os.environ.get(PATH_ENV)
+    if not forced:
+        return supported[0]
+    if forced not in supported:
+        why = "not supported by this CPU" if forced in PATHS else "unknown"
+        raise KernelUnavailableError(
+            f"{PATH_ENV}={forced}: that fused kernel path is {why} (here: {', '.join(supported)})"
+        )
+    return forced
+
+
+@functools.cache
+def _self_check(ext: ModuleType, path: str) -> KernelUnavailableError | None:
+    """Run `path` once on a probe block against `score_matmul`: a miscompiled or mis-dispatched kernel must
+    never rank a real search."""
+    # d = 93 is odd and no multiple of any path's vector widths, so every leftover loop runs as well
     gen = torch.Generator().manual_seed(0)
-    probe = torch.nn.functional.normalize(torch.randn(3, 5, 72, generator=gen), dim=-1).half()
-    queries = torch.nn.functional.normalize(torch.randn(2, 72, generator=gen), dim=-1)
-    got, want = _run(lib, queries, probe, (0.7, 0.3)), score_matmul(queries, probe, (0.7, 0.3))
+    probe = torch.nn.functional.normalize(torch.randn(3, 5, 93, generator=gen), dim=-1).half()
+    queries = torch.nn.functional.normalize(torch.randn(2, 93, generator=gen), dim=-1)
+    got, want = _run(ext, path, queries, probe, (0.7, 0.3)), score_matmul(queries, probe, (0.7, 0.3))
     if not (torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])):
-        return KernelUnavailableError(f"{target} gives wrong scores; delete it to rebuild")
-    return lib
+        return KernelUnavailableError(f"the fused kernel's {path} path gives wrong scores on this machine")
+    log.debug("fused search kernel: %s path", path)
+    return None
+
+
+def _kernel(path: str | None = None) -> tuple[ModuleType, str]:
+    """The extension and `path` (default: `fused_path()`) once that path has passed its self-check; else
+    KernelUnavailableError saying why not."""
+    ext = _extension()
+    if isinstance(ext, KernelUnavailableError):
+        raise ext
+    path = path or fused_path()
+    if path not in fused_paths():
+        here = ", ".join(fused_paths())
+        raise KernelUnavailableError(
+            f"fused kernel path {path!r} is not available on this CPU (here: {here})"
+        )
+    problem = _self_check(ext, path)
+    if problem is not None:
+        raise problem
+    return ext, path
 
 
 def _run(
-    lib: ctypes.CDLL, queries: Tensor, block: Tensor, weights: tuple[float, float]
+    ext: ModuleType, path: str, queries: Tensor, block: Tensor, weights: tuple[float, float]
 ) -> tuple[Tensor, Tensor]:
-    block, queries = block.contiguous(), queries.float().contiguous()
+    block, queries = block.detach().contiguous(), queries.detach().float().contiguous()
     m, rows, d = block.shape
     scores = torch.empty(len(queries), m)
     best = torch.empty(len(queries), m, dtype=torch.long)
-    lib.scan_fp16(
-        block.data_ptr(), m, rows, d, queries.data_ptr(), len(queries),
-        weights[0], weights[1], scores.data_ptr(), best.data_ptr(),
-    )  # fmt: skip
+    # buffers, not raw pointers: the module checks every size and type itself, and releases the GIL
+    ext.scan(block.numpy(), rows, d, queries.numpy(), *weights, scores.numpy(), best.numpy(), path)
     return scores, best
 
 
@@ -164,43 +186,54 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def score_fused(
-    queries: Tensor, block: Tensor, weights: tuple[float, float], threads: int | None = None
+    queries: Tensor,
+    block: Tensor,
+    weights: tuple[float, float],
+    threads: int | None = None,
+    path: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `score_matmul`, for an fp16 block, through the compiled kernel.
 
     The block's videos are split over `threads` (default: torch's intra-op thread count, as the matmul kernel
-    uses), each part one kernel call on its own thread - ctypes releases the GIL - so a many-core machine
-    scans at the bandwidth of several cores, as a multi-threaded matrix product would.
+    uses), each part one kernel call on its own thread - the module releases the GIL - so a many-core machine
+    scans at the bandwidth of several cores, as a multi-threaded matrix product would. `path` picks the code
+    path (default: `fused_path()`), so tests can compare them all.
     """
-    lib = _native_library()
-    if isinstance(lib, KernelUnavailableError):
-        raise lib
+    ext, path = _kernel(path)
     if block.dtype != torch.float16:
         raise TypeError(f"the fused kernel reads fp16 index rows, got {block.dtype}")
     if queries.shape[1] != block.shape[2]:
         raise ValueError(f"queries are {queries.shape[1]}-d, index rows {block.shape[2]}-d")
     parts = min(threads or torch.get_num_threads(), -(-len(block) // MIN_VIDEOS_PER_THREAD))
     if parts <= 1:
-        return _run(lib, queries, block, weights)
+        return _run(ext, path, queries, block, weights)
     cuts = [len(block) * i // parts for i in range(parts + 1)]
     pieces = _pool(parts).map(
-        lambda i: _run(lib, queries, block[cuts[i] : cuts[i + 1]], weights), range(parts)
+        lambda i: _run(ext, path, queries, block[cuts[i] : cuts[i + 1]], weights), range(parts)
     )
     scores, best = zip(*pieces, strict=True)
     return torch.cat(scores, dim=1), torch.cat(best, dim=1)
 
 
+@functools.cache
+def _note_fallback(reason: str) -> None:
+    """Say once per process (and reason), on one line, that `auto` searches without the fused kernel."""
+    log.warning("fused search kernel unavailable (%s); searching with the matmul kernel", reason)
+
+
 def pick_kernel(requested: Kernel, dtype: str) -> Literal["fused", "matmul"]:
-    """`auto`: fused for fp16 indexes where the kernel builds, else matmul (with a warning saying why)."""
+    """`auto`: fused for fp16 indexes where the extension is installed and passes its self-check, else matmul
+    (noting why, once); `fused` raises KernelUnavailableError instead of falling back."""
     if requested == "matmul" or (requested == "auto" and dtype != "float16"):
         return "matmul"
-    problem = _native_library()
-    if requested == "fused" and dtype != "float16":
-        problem = KernelUnavailableError(f"the fused kernel reads fp16 indexes; this one is {dtype}")
-    if isinstance(problem, KernelUnavailableError):
+    if dtype != "float16":
+        raise KernelUnavailableError(f"the fused kernel reads fp16 indexes; this one is {dtype}")
+    try:
+        _kernel()
+    except KernelUnavailableError as e:
         if requested == "fused":
-            raise problem
-        log.warning("fused search kernel unavailable (%s); searching with the matmul kernel", problem)
+            raise
+        _note_fallback(str(e))
         return "matmul"
     return "fused"
 

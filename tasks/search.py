@@ -16,7 +16,6 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,21 +30,20 @@ from models.text_backbones import TextEncoder
 from storage.catalog import Catalog
 from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
-from storage.index import (
-    DEFAULT_CHUNK_ROWS,
-    Dtype,
-    IndexNotFoundError,
-    VideoIndex,
-    model_fingerprint,
-    read_features_json,
-)
+from storage.index import DEFAULT_CHUNK_ROWS, Dtype, IndexNotFoundError, VideoIndex
+from storage.registry import ModelDir, Skipped, resolve_model_dir
+from tasks.data import DataError
+from tasks.moments import SpanRule, localize
 from tasks.profiles import text_encoder_from_info
 from tasks.scan import Kernel, TopK, pick_kernel, scan_topk, score_matmul
 
 log = logging.getLogger(__name__)
 
-INDEX_DIRNAME = "index.zarr"
 MAX_QUERY_CHARS = 1000  # a guard, not a model limit: tokens past max_desc_l are dropped as in training
+
+
+class ApproximateSearchError(MamFusionError, ValueError):
+    """The approximate first stage cannot be built for this index (bad factory string, too few videos)."""
 
 
 class QueryError(MamFusionError, ValueError):
@@ -54,7 +52,11 @@ class QueryError(MamFusionError, ValueError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One ranked video and the moment (best clip's span, seconds) that matched the query."""
+    """One ranked video and the moment that matched the query.
+
+    `start`-`end` is the span the rule grew from the clip-score `profile` (one cosine per clip, whose
+    time spans are `clip_spans`); `clip_start`-`clip_end` is the single best clip, kept as the baseline.
+    """
 
     rank: int
     video_id: str
@@ -62,11 +64,15 @@ class Hit:
     score: float
     start: float
     end: float
+    clip_start: float
+    clip_end: float
+    profile: tuple[float, ...]
+    clip_spans: tuple[tuple[float, float], ...]
 
 
-def default_index_url(model_dir: str | os.PathLike[str]) -> str:
+def default_index_url(model: ModelDir) -> str:
     """Where `mamfusion index` writes and `mamfusion search` looks when no URL is given."""
-    return str(Path(model_dir) / INDEX_DIRNAME)
+    return str(model.index_dir)
 
 
 # ---------------------------------------------------------------------------------------------- scanning
@@ -118,25 +124,45 @@ class IndexScanner:
             return self.vectors[torch.from_numpy(rows)]
         return torch.from_numpy(self.index.read_rows(rows))
 
-    def hits(self, top: TopK) -> list[list[Hit]]:
-        """Turn scan rows into ids, paths and moments; -inf entries (fewer candidates than k) are dropped."""
+    def hits(self, top: TopK, queries: Tensor, rule: SpanRule = SpanRule()) -> list[list[Hit]]:  # noqa: B008
+        """Scan rows -> ids, paths, score profiles and moments; -inf entries (fewer candidates than k) drop.
+
+        The profile is recomputed from the hit rows' clip vectors (k rows per query: cheap next to the scan).
+        """
+        found = top.scores != float("-inf")
+        rows = np.unique(top.rows[found].numpy())
+        profiles = torch.zeros(*top.rows.shape, self.index.n_clips)
+        if len(rows):
+            clips = self.gather(rows)[:, : self.index.n_clips].float()  # (R, n_clips, d), unit vectors
+            where = torch.from_numpy(
+                np.searchsorted(rows, top.rows.clamp(min=0).numpy()).clip(0, len(rows) - 1)
+            )
+            profiles = torch.einsum("qd,qknd->qkn", queries.float(), clips[where])
         out = []
-        for scores, rows, clips in zip(
-            top.scores.tolist(), top.rows.tolist(), top.clips.tolist(), strict=True
-        ):
-            out.append(
-                [
+        for q in range(top.scores.shape[0]):
+            ranked = []
+            for r in range(top.scores.shape[1]):
+                if not bool(found[q, r]):
+                    continue
+                row, clip = int(top.rows[q, r]), int(top.clips[q, r])
+                profile = profiles[q, r].numpy()
+                spans = self.spans[row]
+                start, end = localize(profile, spans, rule)
+                ranked.append(
                     Hit(
-                        r + 1,
+                        len(ranked) + 1,
                         str(self.video_ids[row]),
                         str(self.paths[row]),
-                        score,
-                        *map(float, self.spans[row, clip]),
+                        float(top.scores[q, r]),
+                        start,
+                        end,
+                        float(spans[clip, 0]),
+                        float(spans[clip, 1]),
+                        tuple(round(float(x), 5) for x in profile),
+                        tuple((float(a), float(b)) for a, b in spans),
                     )
-                    for r, (score, row, clip) in enumerate(zip(scores, rows, clips, strict=True))
-                    if score != float("-inf")
-                ]
-            )
+                )
+            out.append(ranked)
         return out
 
 
@@ -193,7 +219,7 @@ class ApproximateSearch:
         try:
             self.ann = faiss.index_factory(index.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
-            raise ValueError(
+            raise ApproximateSearchError(
                 f"faiss index {self.factory!r} for {index.dim}-d vectors: {_faiss_reason(e)}"
             ) from e
         per_video = index.n_clips + 1
@@ -202,7 +228,7 @@ class ApproximateSearch:
         try:
             self.ann.train(scanner.gather(picks).reshape(-1, index.dim).float().numpy())
         except RuntimeError as e:  # e.g. fewer vectors than IVF cells: a small index needs no first stage
-            raise ValueError(
+            raise ApproximateSearchError(
                 f"the approximate stage {self.factory!r} cannot be trained on {index.count} videos "
                 f"({_faiss_reason(e)}); search exactly instead"
             ) from e
@@ -247,7 +273,9 @@ class Searcher:
         approximate: ApproximateSearch | None = None,
         max_query_chars: int = MAX_QUERY_CHARS,
         query_batch: int = 256,
+        span_rule: SpanRule = SpanRule(),  # noqa: B008 (frozen)
     ) -> None:
+        self.span_rule = span_rule
         self.model = model.eval()
         self.text_encoder = text_encoder
         self.scanner = scanner
@@ -258,17 +286,22 @@ class Searcher:
     @classmethod
     def from_model_dir(
         cls,
-        model_dir: str | os.PathLike[str],
+        model_dir: ModelDir | str | os.PathLike[str],
         index_url: str | None = None,
         *,
-        store_url: str | None = None,
         storage_options: dict[str, Any] | None = None,
         max_memory_bytes: int | None = None,
         kernel: Kernel = "auto",
         approximate: ApproxConfig | None = None,
     ) -> Searcher:
-        """Check the index belongs to this model (by fingerprint of its files), then load everything."""
-        fingerprint = model_fingerprint(model_dir)
+        """Check the index belongs to this model (by fingerprint of its files), then load everything.
+
+        `model_dir` may be a version folder, a models folder or a pipeline output folder (its `current`).
+        Nothing is opened for writing, and the feature store is not needed: the model directory carries the
+        text extractor's config.
+        """
+        model_dir = model_dir if isinstance(model_dir, ModelDir) else resolve_model_dir(model_dir)
+        fingerprint = model_dir.fingerprint()
         index = VideoIndex.open(index_url or default_index_url(model_dir), storage_options=storage_options)
         index.check_model(fingerprint)
         if not index.complete:
@@ -276,11 +309,9 @@ class Searcher:
                 "index %s is incomplete (a build is running or was interrupted); results may miss videos",
                 index.url,
             )
-        features = read_features_json(model_dir)
-        store = FeatureStore(store_url or features["store"], storage_options)
-        text_fp = features["text_fingerprint"]
-        encoder = text_encoder_from_info(store.extractor_info(text_fp), text_fp)
-        model = MamFusion.from_pretrained(model_dir)
+        text = model_dir.read_features().text
+        encoder = text_encoder_from_info(text.model_dump(), text.fingerprint)
+        model = MamFusion.from_pretrained(model_dir.path)
         scanner = IndexScanner(index, max_memory_bytes=max_memory_bytes, kernel=kernel)
         ann = ApproximateSearch(scanner, approximate) if approximate else None
         return cls(model, encoder, scanner, approximate=ann)
@@ -290,6 +321,10 @@ class Searcher:
         if not texts:
             raise QueryError("no query given")
         for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # argv bytes that were not UTF-8 arrive as lone surrogates
+                raise QueryError(f"query {i} is not valid UTF-8 text") from None
             if not text.strip():
                 raise QueryError(f"query {i} is empty; type what should happen in the video")
             if len(text) > self.max_query_chars:
@@ -316,7 +351,7 @@ class Searcher:
         for start in range(0, len(texts), self.query_batch):
             queries = self.encode_queries(texts[start : start + self.query_batch])
             top = self.ranker.topk(queries, top_k, (cfg.clip_scale_w, cfg.frame_scale_w))
-            out.extend(self.scanner.hits(top))
+            out.extend(self.scanner.hits(top, queries, self.span_rule))
         return out
 
 
@@ -331,11 +366,15 @@ class IndexSummary:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     kept: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"video_id", "reason"}
+    skipped: list[Skipped] = field(default_factory=list)
     rebuilt: str | None = None  # why an existing index was replaced, if it was
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "skipped": [s.model_dump() for s in self.skipped]}
+
+
+def _skip(video_id: str, reason: str) -> Skipped:
+    return Skipped(kind="video", id=video_id, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -345,32 +384,28 @@ class _Wanted:
 
 
 def _gallery_from_catalog(
-    catalog: Catalog, store: FeatureStore, visual_fp: str, skipped: list[dict[str, str]]
+    catalog: Catalog, store: FeatureStore, visual_fp: str, skipped: list[Skipped]
 ) -> dict[str, _Wanted]:
     wanted = {}
     for rec in catalog.videos:
         if not rec.readable:
-            skipped.append({"video_id": rec.video_id, "reason": f"unreadable: {rec.error}"})
+            skipped.append(_skip(rec.video_id, f"unreadable: {rec.error}"))
         elif rec.sha256 is None:
-            skipped.append(
-                {"video_id": rec.video_id, "reason": "catalog has no sha256 for it; rescan the folder"}
-            )
+            skipped.append(_skip(rec.video_id, "catalog has no sha256 for it; rescan the folder"))
         elif not store.has_video(rec.sha256, visual_fp):
-            skipped.append(
-                {"video_id": rec.video_id, "reason": f"no features for visual extractor {visual_fp}"}
-            )
+            skipped.append(_skip(rec.video_id, f"no features for visual extractor {visual_fp}"))
         else:
             wanted[rec.video_id] = _Wanted(rec.sha256, rec.path)
     return wanted
 
 
 def _gallery_from_ids(
-    video_ids: Sequence[str], store: FeatureStore, visual_fp: str, skipped: list[dict[str, str]]
+    video_ids: Sequence[str], store: FeatureStore, visual_fp: str, skipped: list[Skipped]
 ) -> dict[str, _Wanted]:
     found = store.resolve_video_ids(visual_fp, video_ids)
     for vid in video_ids:
         if vid not in found:
-            skipped.append({"video_id": vid, "reason": f"no features for visual extractor {visual_fp}"})
+            skipped.append(_skip(vid, f"no features for visual extractor {visual_fp}"))
     return {vid: _Wanted(found[vid], "") for vid in video_ids if vid in found}
 
 
@@ -420,7 +455,7 @@ def _open_for_update(
 
 
 def build_index(
-    model_dir: str | os.PathLike[str],
+    model_dir: ModelDir | str | os.PathLike[str],
     store: FeatureStore | str | None = None,
     index_url: str | None = None,
     *,
@@ -437,13 +472,14 @@ def build_index(
     which are then re-added), and rebuilds from scratch when the model's files (fingerprint) or dtype changed.
     """
     if (catalog is None) == (video_ids is None):
-        raise ValueError("give exactly one gallery: a catalog or a list of video ids")
-    fingerprint = model_fingerprint(model_dir)
-    features = read_features_json(model_dir)
-    visual_fp = features["visual_fingerprint"]
+        raise TypeError("give exactly one gallery: a catalog or a list of video ids")
+    model_dir = model_dir if isinstance(model_dir, ModelDir) else resolve_model_dir(model_dir)
+    fingerprint = model_dir.fingerprint()
+    features = model_dir.read_features()
+    visual_fp = features.visual.fingerprint
     if not isinstance(store, FeatureStore):
-        store = FeatureStore(store or features["store"], storage_options)
-    model = MamFusion.from_pretrained(model_dir).eval()
+        store = FeatureStore(store or features.store, storage_options, read_only=True)
+    model = MamFusion.from_pretrained(model_dir.path).eval()
     cfg = model.config
     url = index_url or default_index_url(model_dir)
     layout = {"dim": cfg.hidden_size, "n_clips": cfg.map_size, "chunk_rows": chunk_rows}
@@ -474,9 +510,18 @@ def build_index(
         ids = todo[start : start + batch_size]
         shas = [wanted[v].sha256 for v in ids]
         videos = store.read_videos(visual_fp, shas)
+        finite = [bool(np.isfinite(v.features).all()) for v in videos]
+        for vid, ok in zip(ids, finite, strict=True):
+            if not ok:
+                summary.skipped.append(_skip(vid, "non-finite features; re-extract it"))
+        ids = [v for v, ok in zip(ids, finite, strict=True) if ok]
+        shas = [s for s, ok in zip(shas, finite, strict=True) if ok]
+        videos = [v for v, ok in zip(videos, finite, strict=True) if ok]
+        if not videos:
+            continue
         dims = {v.features.shape[1] for v in videos}
         if dims != {cfg.visual_dim}:
-            raise ValueError(
+            raise DataError(
                 f"store {store.url}: visual features {visual_fp} are {sorted(dims)}-d, "
                 f"the model expects {cfg.visual_dim}"
             )

@@ -13,7 +13,7 @@ and extractors, load them, train, evaluate the best epoch, write the run directo
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import logging
 import math
 import os
@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.config import ConfigError, ExperimentConfig, TrainConfig
 from models.losses import MamFusionLoss
-from models.mamfusion import CONFIG_FILE, WEIGHTS_FILE, MamFusion
+from models.mamfusion import MamFusion
 from models.optim import BertAdam, param_groups
 from storage.annotations import AnnotationSet, read_annotations
+from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
+from storage.registry import ExtractorSnapshot, FeatureSource, RunDir, RunMetrics, Skipped, TrainingSummary
 from tasks.data import (
     DataError,
     SplitData,
@@ -44,14 +47,23 @@ from tasks.data import (
     train_loader,
 )
 from tasks.device import resolve_device
-from tasks.evaluate import EXPERIMENT, evaluate
+from tasks.evaluate import MIN_SELECTION_GALLERY, evaluate, gallery_distractors
 from tasks.report import write_report
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
-HISTORY = "history.jsonl"
-FEATURES_FILE = "features.json"
+# Fields that change how fast a run goes, never what it computes: a resumed run may change them.
+RESUME_SAFE_FIELDS = frozenset(
+    {"train.num_workers", "train.device", "train.eval_query_bsz", "train.eval_context_bsz"}
+)
+
+
+class TrainingDivergedError(MamFusionError):
+    """The loss or the weights became NaN/inf; the message names the epoch and step."""
+
+
+class ResumeMismatchError(MamFusionError):
+    """A run directory was trained with another config or data than the resume asks for."""
 
 
 @dataclass
@@ -60,20 +72,26 @@ class TrainState:
 
     epoch: int = 0  # epochs completed; epochs are numbered from 1 in history and best_epoch
     best_sumr: float = -math.inf
+    best_meanr: float = math.inf  # breaks SumR ties, so a saturated SumR still picks the better-ranking epoch
     best_epoch: int = 0
     es_cnt: int = 0
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    data_digest: str = ""  # of the training + validation data; a resume on other data is refused
+
+    def improves(self, sumr: float, meanr: float) -> bool:
+        return sumr > self.best_sumr or (sumr == self.best_sumr and meanr < self.best_meanr)
 
 
 @dataclass
 class TrainResult:
-    out_dir: Path
+    run: RunDir
     best_epoch: int
     best_sumr: float
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, Any]]
+    data_digest: str
 
 
 def amp_enabled(train: TrainConfig, device: torch.device) -> bool:
@@ -122,21 +140,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_best(model: MamFusion, out: Path) -> None:
-    """save_pretrained into a temp folder, then rename each file into place (no half-written model.pt)."""
-    tmp = out / ".best.tmp"
-    model.save_pretrained(tmp)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
-
-
-def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
-    tmp = out / (HISTORY + ".tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, out / HISTORY)
-
-
 def save_checkpoint(
     path: Path, model: MamFusion, optimizer: torch.optim.Optimizer, state: TrainState
 ) -> None:
@@ -170,12 +173,17 @@ def run_epoch(
     device: torch.device,
     amp: bool = False,
     bar: tqdm | None = None,
+    epoch: int = 0,
 ) -> dict[str, float]:
-    """One pass over the training loader; returns the epoch mean of each weighted loss term and `total`."""
+    """One pass over the training loader; returns the epoch mean of each weighted loss term and `total`.
+
+    Stops at the first non-finite loss, and checks the weights at the end, so a diverged run fails naming
+    where instead of producing a NaN model whose scores would rank arbitrarily.
+    """
     model.train()
     sums: dict[str, float] = {}
     n = 0
-    for batch in loader:
+    for step, batch in enumerate(loader, 1):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             output = model(batch.videos, batch.queries, batch.labels)
@@ -184,6 +192,11 @@ def run_epoch(
                 output, **{f.name: getattr(output, f.name).float() for f in dataclasses.fields(output)}
             )
         total, parts = loss_fn(output, batch.labels, hard_negative)
+        if not torch.isfinite(total):
+            raise TrainingDivergedError(
+                f"training diverged: the loss is {total.item()} at epoch {epoch + 1}, step {step}; "
+                f"lower train.lr (now {optimizer.param_groups[0]['lr']:g}) or check the features"
+            )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -193,6 +206,12 @@ def run_epoch(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['total']:.4f}", refresh=False)
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDivergedError(
+            f"training diverged: {len(bad)} weight tensors are non-finite after epoch {epoch + 1}, step {n} "
+            f"(e.g. {bad[0]}); lower train.lr (now {optimizer.param_groups[0]['lr']:g})"
+        )
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
@@ -213,31 +232,62 @@ def build_training(
     return model, loader, optimizer, MamFusionLoss(cfg.model), generator
 
 
+def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """`section.field: old -> new` for every field that would change what a resumed run computes."""
+    before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
+    out = []
+    for section in ("model", "train"):
+        for key in sorted(set(before[section]) | set(after[section])):
+            name = f"{section}.{key}"
+            a, b = before[section].get(key), after[section].get(key)
+            if a != b and name not in RESUME_SAFE_FIELDS:
+                out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume(run: RunDir, cfg: ExperimentConfig, state: TrainState, data_digest: str) -> None:
+    """A checkpoint continues only the run it belongs to: same config (but speed settings) and data."""
+    differ = config_differences(run.read_experiment(), cfg) if run.experiment_file.is_file() else []
+    if state.data_digest and state.data_digest != data_digest:
+        differ.append("data: the training/validation videos or captions changed")
+    if differ:
+        raise ResumeMismatchError(
+            f"{run.path} was trained with a different setup ({'; '.join(differ)}); resuming would mix the "
+            "two. Start fresh with --no-resume (or another --out directory)"
+        )
+
+
 def train(
     cfg: ExperimentConfig,
     train_data: SplitData,
     val_data: SplitData,
-    out_dir: str | Path,
+    run: RunDir,
     *,
     resume: bool = True,
     progress: bool = True,
 ) -> TrainResult:
-    """Train with validation-based model selection; the best weights end up in `out_dir` (save_pretrained)."""
+    """Train with validation-based model selection; the best weights end up in `run` (save_pretrained).
+
+    The selected epoch is the best validation SumR, ties broken by the lower mean rank.
+    """
     train_data.check_dims(cfg.model)
     val_data.check_dims(cfg.model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EXPERIMENT).write_text(cfg.model_dump_json(indent=2))
+    run.create()
     device = resolve_device(cfg.train.device, "train.device")
     amp = amp_enabled(cfg.train, device)
     seed_everything(cfg.train.seed)
+    data_digest = hashlib.sha256(f"{train_data.digest()}{val_data.digest()}".encode()).hexdigest()
 
     model, loader, optimizer, loss_fn, generator = build_training(cfg, train_data, device)
-    ckpt_path = out / CHECKPOINT
-    state = TrainState()
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, model, optimizer)
-        log.info("resuming from %s at epoch %d (best SumR %.2f)", ckpt_path, state.epoch, state.best_sumr)
+    state = TrainState(data_digest=data_digest)
+    if resume and run.checkpoint_file.exists():
+        state = load_checkpoint(run.checkpoint_file, model, optimizer)
+        check_resume(run, cfg, state, data_digest)
+        state.data_digest = data_digest
+        log.info(
+            "resuming from %s at epoch %d (best SumR %.2f)", run.checkpoint_file, state.epoch, state.best_sumr
+        )
+    run.write_experiment(cfg)
 
     last_sumr = state.history[-1]["val"]["sumr"] if state.history else float("nan")
     n_epoch = cfg.train.n_epoch
@@ -256,6 +306,7 @@ def train(
                 device=device,
                 amp=amp,
                 bar=bar,
+                epoch=epoch,
             )
             train_s = time.perf_counter() - t0
             val = evaluate(
@@ -265,10 +316,16 @@ def train(
                 context_bsz=cfg.train.eval_context_bsz,
                 details=False,
             ).metrics
-            last_sumr = val["sumr"]
-            if last_sumr > state.best_sumr:
-                state.best_sumr, state.best_epoch, state.es_cnt = last_sumr, epoch + 1, 0
-                _save_best(model, out)
+            last_sumr = val.sumr
+            if state.improves(val.sumr, val.meanr):
+                state.best_sumr, state.best_meanr, state.best_epoch, state.es_cnt = (
+                    val.sumr,
+                    val.meanr,
+                    epoch + 1,
+                    0,
+                )
+                model.save_pretrained(run.best_tmp_dir)
+                run.install_best()
             else:
                 state.es_cnt += 1
                 state.stopped = state.es_cnt > cfg.train.max_es_cnt
@@ -276,7 +333,7 @@ def train(
                 {
                     "epoch": epoch + 1,
                     "train": losses,
-                    "val": val,
+                    "val": val.model_dump(mode="json"),
                     "lr": optimizer.current_lr(),
                     "train_s": round(train_s, 3),
                     "epoch_s": round(time.perf_counter() - t0, 3),
@@ -284,19 +341,41 @@ def train(
                 }
             )
             state.epoch += 1
-            save_checkpoint(ckpt_path, model, optimizer, state)
-            _write_history(out, state.history)
+            save_checkpoint(run.checkpoint_file, model, optimizer, state)
+            run.write_history(state.history)
             log.info(
-                "epoch %d: loss %.4f val SumR %.2f (best %.2f @ %d)",
+                "epoch %d/%d: loss %.4f, val SumR %.2f, mean rank %.1f (best %.2f @ epoch %d)",
                 epoch + 1,
+                n_epoch,
                 losses.get("total", math.nan),
-                last_sumr,
+                val.sumr,
+                val.meanr,
                 state.best_sumr,
                 state.best_epoch,
             )
     if state.stopped:
-        log.info("early stop: no val SumR improvement for %d epochs", state.es_cnt)
-    return TrainResult(out, state.best_epoch, state.best_sumr, state.epoch, state.stopped, state.history)
+        log.info("early stop: no validation improvement for %d epochs", state.es_cnt)
+    return TrainResult(
+        run, state.best_epoch, state.best_sumr, state.epoch, state.stopped, state.history, data_digest
+    )
+
+
+def selection_warnings(val_data: SplitData, history: list[dict[str, Any]]) -> list[str]:
+    """Why the chosen epoch may mean little: a tiny validation gallery, or a score that never moved."""
+    warnings = []
+    n_videos, n_queries = len(val_data.video_ids), len(val_data.queries)
+    if n_videos < MIN_SELECTION_GALLERY or n_queries < 10:
+        warnings.append(
+            f"validation has {n_queries} queries over {n_videos} videos (even with distractors): too few to "
+            "tell epochs apart; the chosen epoch is close to arbitrary. Add validation videos/captions"
+        )
+    scores = {(h["val"]["sumr"], h["val"]["meanr"]) for h in history}
+    if len(history) > 1 and len(scores) == 1:
+        warnings.append(
+            f"validation SumR and mean rank were identical in all {len(history)} epochs: selection kept "
+            "the first epoch; the validation gallery cannot discriminate"
+        )
+    return warnings
 
 
 # ------------------------------------------------------------------ the `train` command as one function
@@ -331,80 +410,159 @@ def select_splits(annotations: AnnotationSet, val_annotations: AnnotationSet | N
     return Splits(train_set, val, val, "val")
 
 
-def _skipped_lines(ann: AnnotationSet) -> list[dict[str, str]]:
-    return [{"kind": "annotation", "id": f"{s.path}:{s.line}", "reason": s.reason} for s in ann.skipped]
+def annotation_skips(ann: AnnotationSet) -> list[Skipped]:
+    return [Skipped(kind="annotation", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.skipped]
 
 
-def train_run(
-    cfg: ExperimentConfig,
-    store_url: str,
-    annotations: str | Path,
-    out_dir: str | Path,
-    *,
-    val_annotations: str | Path | None = None,
-    annotation_format: str | None = None,
-    visual_fp: str | None = None,
-    text_fp: str | None = None,
-    resume: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The whole `train` command as a function: returns the test metrics written to metrics.json.
+class TrainRequest(BaseModel):
+    """Everything one training run needs: what `mamfusion train` and the pipeline's train step pass."""
 
-    `annotation_format` applies to both annotation files (detected from each file's content when None).
-    """
-    out = Path(out_dir)
-    store = FeatureStore(store_url)
-    ann = read_annotations(annotations, annotation_format, skip_malformed=True)
-    val_ann = (
-        read_annotations(val_annotations, annotation_format, skip_malformed=True) if val_annotations else None
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: ExperimentConfig
+    store: str
+    annotations: str
+    run_dir: str
+    val_annotations: str | None = None
+    annotation_format: str | None = None  # applies to both files; detected from content when None
+    visual_fingerprint: str | None = None
+    text_fingerprint: str | None = None
+    extra_gallery: tuple[str, ...] = Field(
+        (), description="further video ids (e.g. catalogued videos without captions) usable as distractors"
     )
-    for path, read in ((annotations, ann), (val_annotations, val_ann)):
-        if read is not None and not read.queries:
-            first = f"; first: line {read.skipped[0].line}: {read.skipped[0].reason}" if read.skipped else ""
-            raise DataError(
-                f"{path}: no caption could be read as {read.format} "
-                f"({len(read.skipped)} malformed lines skipped{first})"
-            )
+    resume: bool = True
+
+
+def _read(path: str, fmt: str | None) -> AnnotationSet:
+    ann = read_annotations(path, fmt, skip_malformed=True)
+    if not ann.queries:
+        first = f"; first: line {ann.skipped[0].line}: {ann.skipped[0].reason}" if ann.skipped else ""
+        raise DataError(
+            f"{path}: no caption could be read as {ann.format} "
+            f"({len(ann.skipped)} malformed lines skipped{first})"
+        )
+    return ann
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The annotation sets of a request and the distractors each evaluated split is ranked with."""
+
+    splits: Splits
+    val_distractors: list[str]
+    test_distractors: list[str]
+    annotation_format: str
+    skipped: list[Skipped]
+
+    def evaluated(self, name: str) -> tuple[AnnotationSet, list[str]]:
+        """(queries, distractor video ids) of the split the metrics are reported on ('val' or the test)."""
+        if name == self.splits.test_name:
+            return self.splits.test, self.test_distractors
+        if name == "val":
+            return self.splits.val, self.val_distractors
+        raise DataError(f"no evaluated split {name!r} (have val, {self.splits.test_name})")
+
+
+def plan_splits(request: TrainRequest) -> SplitPlan:
+    """Read the request's annotations and decide every gallery once, the same for challenger and champion."""
+    ann = _read(request.annotations, request.annotation_format)
+    val_ann = _read(request.val_annotations, request.annotation_format) if request.val_annotations else None
     splits = select_splits(ann, val_ann)
-    visual_fp, text_fp = pick_fingerprints(store, ann, visual_fp, text_fp)
-    check_feature_dims(cfg.model, *store_dims(store, visual_fp, text_fp))
-    train_data = load_split(store, splits.train, None, visual_fp, text_fp, name="train")
-    val_data = load_split(store, splits.val, None, visual_fp, text_fp, name="val")
+    everything = ann if val_ann is None else AnnotationSet(ann.queries + val_ann.queries, format=ann.format)
+    policy, fmt = request.config.train.eval_gallery, request.annotation_format or ann.format
+    extra = list(request.extra_gallery)
+    skipped = annotation_skips(ann) + (annotation_skips(val_ann) if val_ann else [])
+    return SplitPlan(
+        splits,
+        gallery_distractors(splits.val, everything, policy, fmt, extra),
+        gallery_distractors(splits.test, everything, policy, fmt, extra),
+        fmt,
+        skipped,
+    )
+
+
+def train_run(request: TrainRequest, *, progress: bool = True) -> RunMetrics:
+    """The whole `train` command as a function: load, train, evaluate the selected epoch, write the run.
+
+    Validation and test queries are ranked against galleries chosen by `train.eval_gallery` (see
+    `tasks.evaluate`); what was used is stated in the metrics and the report.
+    """
+    cfg, run = request.config, RunDir(request.run_dir)
+    store = FeatureStore(request.store, read_only=True)
+    plan = plan_splits(request)
+    splits = plan.splits
+    visual_fp, text_fp = pick_fingerprints(
+        store, splits.train, request.visual_fingerprint, request.text_fingerprint
+    )
+    (_, visual_dim), (_, text_dim) = store_dims(store, visual_fp, text_fp)
+    check_feature_dims(cfg.model, (visual_fp, visual_dim), (text_fp, text_dim))
+
+    def split_data(split: AnnotationSet, name: str, distractors: list[str]) -> SplitData:
+        return load_split(store, split, None, visual_fp, text_fp, name=name, distractors=distractors)
+
+    train_data = split_data(splits.train, "train", [])
+    val_data = split_data(splits.val, "val", plan.val_distractors)
     test_data = (
         val_data
         if splits.test is splits.val
-        else load_split(store, splits.test, None, visual_fp, text_fp, name="test")
+        else split_data(splits.test, splits.test_name, plan.test_distractors)
     )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FEATURES_FILE).write_text(
-        json.dumps(
-            {
-                "store": store.url,
-                "visual_fingerprint": visual_fp,
-                "text_fingerprint": text_fp,
-                "annotations": str(Path(annotations).resolve()),
-                "val_annotations": str(Path(val_annotations).resolve()) if val_annotations else None,
-            },
-            indent=2,
+    log.info("validation: %s", describe_gallery_of(val_data))
+    result = train(cfg, train_data, val_data, run, resume=request.resume, progress=progress)
+    run.write_features(
+        FeatureSource(
+            store=store.url,
+            visual=_snapshot(store, visual_fp),
+            text=_snapshot(store, text_fp),
+            annotations=str(Path(request.annotations).resolve()),
+            val_annotations=str(Path(request.val_annotations).resolve()) if request.val_annotations else None,
+            annotation_format=plan.annotation_format,
+            data_digest=result.data_digest,
         )
     )
-    result = train(cfg, train_data, val_data, out, resume=resume, progress=progress)
-    model = MamFusion.from_pretrained(out).to(resolve_device(cfg.train.device, "train.device"))
+    warnings = selection_warnings(val_data, result.history)
+    for w in warnings:
+        log.warning("model selection: %s", w)
+    model = MamFusion.from_pretrained(run.path).to(resolve_device(cfg.train.device, "train.device"))
     evaluated = evaluate(
         model, test_data, query_bsz=cfg.train.eval_query_bsz, context_bsz=cfg.train.eval_context_bsz
     )
-    metrics = {"split": splits.test_name, **evaluated.metrics, "best_epoch": result.best_epoch,
-               "best_val_sumr": result.best_sumr, "epochs_run": result.epochs_run,
-               "stopped_early": result.stopped_early}  # fmt: skip
-    skipped = _skipped_lines(ann) + (_skipped_lines(val_ann) if val_ann else [])
-    skipped += _unique_skips([train_data, val_data, test_data])
-    write_report(out, cfg, metrics, result.history, evaluated.per_query, skipped)
+    summary = TrainingSummary(
+        best_epoch=result.best_epoch,
+        best_val_sumr=result.best_sumr,
+        epochs_run=result.epochs_run,
+        stopped_early=result.stopped_early,
+        validation_gallery=describe_gallery_of(val_data),
+        warnings=warnings,
+    )
+    metrics = RunMetrics(**evaluated.metrics.model_dump(), training=summary)
+    skipped = plan.skipped + _unique_skips([train_data, val_data, test_data])
+    run.write_metrics(metrics)
+    write_report(run, cfg, metrics, result.history, evaluated.per_query, skipped, title=_title(request))
     return metrics
 
 
-def _unique_skips(datas: list[SplitData]) -> list[dict[str, str]]:
-    seen: dict[tuple[str, str], dict[str, str]] = {}
+def describe_gallery_of(data: SplitData) -> str:
+    own = len(data.video_ids) - data.n_distractors
+    extra = f" ({own} in the split + {data.n_distractors} distractors)" if data.n_distractors else ""
+    return f"{len(data.queries)} queries vs {len(data.video_ids)} videos{extra}"
+
+
+def _title(request: TrainRequest) -> str:
+    """The report names the data (what a reader compares runs by), then the recipe."""
+    return f"{Path(request.annotations).name} ({request.config.name} recipe)"
+
+
+def _snapshot(store: FeatureStore, fingerprint: str) -> ExtractorSnapshot:
+    info = store.extractor_info(fingerprint)
+    return ExtractorSnapshot(
+        fingerprint=fingerprint, kind=info["kind"], dim=info["dim"], config=info["config"]
+    )
+
+
+def _unique_skips(datas: list[SplitData]) -> list[Skipped]:
+    seen: dict[tuple[str, str], Skipped] = {}
     for d in datas:
         for s in d.skipped:
-            seen.setdefault((s["kind"], s["id"]), s)
+            seen.setdefault((s.kind, s.id), s)
     return list(seen.values())

@@ -1,14 +1,16 @@
 """Prefect `@task` wrappers: caching, retries and persisted results around the plain functions in `tasks/`.
 
-Each body only converts small, JSON-friendly inputs (paths, URLs, dicts) into the plain function's arguments
-and its result back into a small dict, so task inputs hash stably across processes (never tensors or models,
+Each body converts small typed inputs (paths, URLs, pydantic requests) into the plain function's arguments
+and returns a small typed value, so task inputs hash stably across processes (never tensors or models,
 which hash differently every time) and results stay tiny on disk.
 
-Caching: `INPUTS + TASK_SOURCE` plus `CODE_VERSION`, an explicit version of the code the bodies call (editing
-a helper does not change a task's source). Results are persisted (by default under $PREFECT_HOME/storage;
-the flows use `stored_under(task, OUTPUT/prefect-results)`), so a later run in a new process reports the task
-as Cached. The feature store is the durable cache behind it: with a fresh Prefect database or results folder,
-extraction still skips every video the store already holds.
+Caching: `INPUTS + TASK_SOURCE` plus `code_digest(module)`: a sha256 over the source of the module a task
+calls and every project module it imports, transitively. TASK_SOURCE alone hashes only the wrapper, so an
+edit to `tasks/train.py` or an extractor would replay stale results; with the digest it cannot. Results are
+persisted (by default under $PREFECT_HOME/storage; the flows use `stored_under(task,
+OUTPUT/prefect-results)`), so a later run in a new process reports the task as Cached. The feature store
+is the durable cache behind it: with a fresh Prefect database or results folder, extraction still skips
+every video the store already holds.
 
 Retries: only transient failures (I/O, timeouts, a lost Dask worker) are retried, with exponential backoff.
 Permanent ones (a corrupt video, a malformed annotation file, a bad config) fail at once.
@@ -16,37 +18,91 @@ Permanent ones (a corrupt video, a malformed annotation file, a bad config) fail
 
 from __future__ import annotations
 
+import ast
 import functools
-from dataclasses import asdict, fields
+import hashlib
+import importlib.util
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
+from pydantic import BaseModel, ConfigDict
 
-from models.config import ExperimentConfig
 from storage.annotations import read_annotations
 from storage.catalog import Catalog, VideoRecord, scan_videos
 from storage.demo_corpus import generate_demo_corpus
 from storage.feature_store import FeatureStore
 from storage.mssl import import_mssl
-from tasks.extract import VisualExtractor, extract_queries, extract_video
-from tasks.profiles import EXTRACTOR_VERSION, FeatureProfile, VisualExtractorConfig
-from tasks.publish import evaluate_model, publish
-from tasks.search import build_index
-from tasks.train import train_run
+from storage.registry import ModelDir, ModelRegistry, RetrievalMetrics, RunDir, RunMetrics, Skipped
+from tasks.extract import ExtractOutcome, VisualExtractor, extract_queries, extract_video
+from tasks.profiles import FeatureProfile, VisualExtractorConfig
+from tasks.publish import PublishOutcome, evaluate_on_request, publish
+from tasks.search import IndexSummary, build_index
+from tasks.train import TrainRequest, train_run
 
-PIPELINE_VERSION = 1  # bump when a wrapped function changes what it returns or writes
-CODE_VERSION = f"pipeline-{PIPELINE_VERSION}.extractor-{EXTRACTOR_VERSION}"
-CACHE_POLICY = INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: CODE_VERSION)
 RETRIES = 2
+PROJECT_PACKAGES = frozenset({"tasks", "models", "storage"})
 # Dask's name for "the worker running this task died"; matched by name so Dask stays optional.
 _LOST_WORKER = {"KilledWorker"}
 # OSErrors that retrying cannot fix.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Project modules a source file imports (absolute and relative), by static reading only."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(filter(None, [*parts, base]))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}  # `from storage import x` (a module)
+    return {name for name in found if name.split(".")[0] in PROJECT_PACKAGES}
+
+
+@functools.cache
+def code_digest(module: str) -> str:
+    """sha256 over the sources of `module` and every project module it imports, transitively, plus the
+    C sources shipped beside them: the code a task actually runs."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ModuleNotFoundError, ValueError):  # `from storage.errors import X`: X is not a module
+            continue
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        seen[name] = Path(spec.origin)
+        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+        todo.extend(_imports(seen[name], package))
+    files = sorted(set(seen.values()) | {c for p in seen.values() for c in p.parent.glob("*.c")})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_policy(module: str) -> CachePolicy:
+    """Inputs, the wrapper's source and the digest of the code behind it."""
+    key = code_digest(module)
+    return INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: key)
+
+
+def _cached(module: str) -> dict[str, Any]:
+    return {"cache_policy": cache_policy(module), "persist_result": True}
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -67,7 +123,6 @@ _RETRY = {
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_transient,
 }
-_CACHED = {"cache_policy": CACHE_POLICY, "persist_result": True}
 
 
 def stored_under(task: Task, results: Path) -> Task:
@@ -81,110 +136,132 @@ def _extractor(config_json: str) -> VisualExtractor:
     return VisualExtractor(VisualExtractorConfig.model_validate_json(config_json))
 
 
+class ScanOutcome(BaseModel):
+    """A folder scan: the saved catalog, what changed since the baseline, usable and skipped videos."""
+
+    model_config = ConfigDict(frozen=True)
+
+    catalog: str
+    new: list[str]
+    changed: list[str]
+    removed: list[str]
+    readable: list[dict[str, Any]]  # VideoRecord.to_dict(): JSON-friendly task inputs for extraction
+    skipped: list[Skipped]
+
+
+class TextOutcome(BaseModel):
+    """Caption features: the text fingerprint, counts, and captions/lines that were skipped."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fingerprint: str
+    encoded: int
+    cached: int
+    skipped: list[Skipped]
+
+
+class TrainOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    run_dir: str
+    metrics: RunMetrics
+
+
 @task(name="demo-corpus", cache_policy=NO_CACHE)
-def demo_corpus_task(out_dir: str, n_videos: int) -> dict[str, str]:
+def demo_corpus_task(out_dir: str, n_videos: int) -> tuple[str, str]:
+    """(videos folder, annotations file) of a generated demo corpus."""
     corpus = generate_demo_corpus(out_dir, n_videos=n_videos)
-    return {"videos": corpus.videos_dir, "annotations": corpus.annotations_path}
+    return corpus.videos_dir, corpus.annotations_path
 
 
 @task(name="scan-catalog", cache_policy=NO_CACHE, **_RETRY)
-def scan_catalog_task(videos: str, catalog_path: str, baseline_path: str) -> dict[str, Any]:
+def scan_catalog_task(videos: str, catalog_path: str, baseline_path: str) -> ScanOutcome:
     """Scan the folder against the catalog of the last successful run; save the new catalog."""
     baseline = Catalog.load(baseline_path) if Path(baseline_path).is_file() else None
     result = scan_videos(videos, baseline)
     result.catalog.save(catalog_path)
-    return {
-        "catalog": catalog_path,
-        "new": result.new,
-        "changed": result.changed,
-        "removed": result.removed,
-        "readable": [v.to_dict() for v in result.catalog.readable()],
-        "unreadable": [{"path": v.path, "reason": v.error} for v in result.catalog.unreadable()],
-    }
+    return ScanOutcome(
+        catalog=catalog_path,
+        new=result.new,
+        changed=result.changed,
+        removed=result.removed,
+        readable=[v.to_dict() for v in result.catalog.readable()],
+        skipped=[
+            Skipped(kind="video", id=v.path, reason=v.error or "unreadable")
+            for v in result.catalog.unreadable()
+        ],
+    )
 
 
-@task(name="extract-video", task_run_name="extract-{video[video_id]}", **_CACHED, **_RETRY)
-def extract_video_task(video: dict[str, Any], profile: dict[str, Any], store: str) -> dict[str, Any]:
+@task(name="extract-video", task_run_name="extract[{video[video_id]}]", **_cached("tasks.extract"), **_RETRY)
+def extract_video_task(video: dict[str, Any], profile: dict[str, Any], store: str) -> ExtractOutcome:
     """One catalogued video into the store (skipped there if present); `video` is `VideoRecord.to_dict()`."""
     record = VideoRecord(**{f.name: video[f.name] for f in fields(VideoRecord)})
     visual = FeatureProfile.model_validate(profile).visual
-    return asdict(extract_video(record, _extractor(visual.model_dump_json()), FeatureStore(store)))
+    return extract_video(record, _extractor(visual.model_dump_json()), FeatureStore(store))
 
 
-@task(name="extract-text", **_CACHED, **_RETRY)
+@task(name="extract-text", **_cached("tasks.extract"), **_RETRY)
 def extract_text_task(
     annotations: str, annotations_sha256: str, fmt: str | None, profile: dict[str, Any], store: str
-) -> dict[str, Any]:
+) -> TextOutcome:
     """Token features of every caption; `annotations_sha256` keys the cache on the file's content."""
     ann = read_annotations(annotations, fmt, skip_malformed=True)
     summary = extract_queries(
         [q.text for q in ann.queries], FeatureProfile.model_validate(profile), FeatureStore(store)
     )
-    lines = [{"path": f"{s.path}:{s.line}", "reason": s.reason} for s in ann.skipped]
-    return {**summary.to_dict(), "skipped_lines": lines, "video_ids": ann.video_ids()}
+    skipped = [Skipped(kind="annotation", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.skipped]
+    skipped += [Skipped(kind="caption", id=s["text"], reason=s["reason"]) for s in summary.skipped]
+    return TextOutcome(
+        fingerprint=summary.fingerprint, encoded=summary.encoded, cached=summary.cached, skipped=skipped
+    )
 
 
-@task(name="import-mssl", **_CACHED, **_RETRY)
+@task(name="import-mssl", **_cached("storage.mssl"), **_RETRY)
 def import_mssl_task(root: str, collection: str, feature: str, seconds_per_row: float, store: str) -> dict:
     """Bundle features into the store (already present entries are skipped by the importer)."""
     report = import_mssl(root, collection, feature, FeatureStore(store), seconds_per_row=seconds_per_row)
     return report.to_dict()
 
 
-@task(name="train", **_CACHED, **_RETRY)
-def train_task(
-    config: dict[str, Any],
-    store: str,
-    annotations: str,
-    val_annotations: str | None,
-    run_dir: str,
-    visual_fp: str,
-    text_fp: str,
-    data_digest: str,
-    annotation_format: str | None = None,
-) -> dict[str, Any]:
-    """Train, evaluate the best epoch and write the run's report; a retry resumes from checkpoints/last.pt.
+@task(name="train", **_cached("tasks.train"), **_RETRY)
+def train_task(request: TrainRequest, data_digest: str) -> TrainOutcome:
+    """Train, evaluate the selected epoch and write the run; a retry resumes from its checkpoint.
 
     `data_digest` (videos, their content and the captions) is only a cache-key input.
     """
-    metrics = train_run(
-        ExperimentConfig.model_validate(config),
-        store,
-        annotations,
-        run_dir,
-        val_annotations=val_annotations,
-        annotation_format=annotation_format,
-        visual_fp=visual_fp,
-        text_fp=text_fp,
-        resume=True,
-        progress=False,
-    )
-    return {"run_dir": run_dir, "metrics": metrics}
+    return TrainOutcome(run_dir=request.run_dir, metrics=train_run(request, progress=False))
 
 
-@task(name="evaluate-champion", **_CACHED, **_RETRY)
+@task(name="evaluate-champion", **_cached("tasks.publish"), **_RETRY)
 def evaluate_model_task(
-    model_dir: str, store: str, annotations: str, split: str, fmt: str | None, data_digest: str
-) -> dict[str, Any]:
+    model_dir: str, request: TrainRequest, split: str, data_digest: str
+) -> RetrievalMetrics:
     """A published model (never overwritten, so its path keys the cache) on the challenger's split."""
-    return evaluate_model(model_dir, store, annotations, split, fmt)
+    return evaluate_on_request(ModelDir(model_dir), request, split)
 
 
 @task(name="publish", cache_policy=NO_CACHE, **_RETRY)
 def publish_task(
-    run_dir: str, models_dir: str, version: str, challenger: dict[str, Any], champion: dict[str, Any] | None
-) -> dict[str, Any]:
-    return publish(run_dir, models_dir, version, challenger, champion).to_dict()
+    run_dir: str,
+    models_dir: str,
+    version: str,
+    challenger: RetrievalMetrics,
+    request: TrainRequest,
+    champion: tuple[str, RetrievalMetrics] | None,
+) -> PublishOutcome:
+    """Champion/challenger under the registry lock; `champion` = (version, metrics) evaluated beforehand,
+    reused when that version is still current once the lock is held, else the current one is evaluated."""
+
+    def evaluate_champion(model: ModelDir) -> RetrievalMetrics:
+        if champion is not None and champion[0] == model.version:
+            return champion[1]
+        return evaluate_on_request(model, request, challenger.split)
+
+    return publish(RunDir(run_dir), ModelRegistry(models_dir), version, challenger, evaluate_champion)
 
 
 @task(name="build-index", cache_policy=NO_CACHE, **_RETRY)
-def build_index_task(model_dir: str, store: str, catalog_path: str) -> dict[str, Any]:
+def build_index_task(model_dir: str, store: str, catalog_path: str) -> IndexSummary:
     """Bring the current model's index in line with the catalog (encodes only videos not indexed yet)."""
-    summary = build_index(model_dir, store, catalog=Catalog.load(catalog_path))
-    return {
-        "index_url": summary.index_url,
-        "added": len(summary.added),
-        "removed": len(summary.removed),
-        "kept": summary.kept,
-        "skipped": summary.skipped,
-    }
+    return build_index(ModelDir(model_dir), store, catalog=Catalog.load(catalog_path))

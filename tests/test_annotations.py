@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from hypothesis import given, settings
@@ -127,18 +128,158 @@ def test_charades_malformed_line_names_file_line_and_reason(tmp_path):
 def test_charades_skip_malformed_reports_every_bad_line(tmp_path):
     path = _write(tmp_path, "charades.txt", CHARADES_BAD)
     result = read_annotations(path, skip_malformed=True)
-    assert [(q.query_id, q.text) for q in result.queries] == [
-        ("AAA#enc#0", "fine one"),
-        ("BBB#enc#0", "spaced out"),
+    assert [(q.query_id, q.text, q.start, q.end) for q in result.queries] == [
+        ("AAA#enc#0", "fine one", 1.0, 2.0),
+        ("AAA#enc#1", "start after end", None, None),  # invalid moment: caption kept, moment dropped
+        ("AAA#enc#2", "negative", None, None),
+        ("BBB#enc#0", "spaced out", 0.0, 5.0),
     ]
     reasons = {s.line: s.reason for s in result.skipped}
-    assert sorted(reasons) == [2, 3, 4, 5, 6]
-    assert "after end" in reasons[3]
-    assert "non-negative" in reasons[4]
+    assert sorted(reasons) == [2, 5, 6]
     assert "caption" in reasons[5]
     assert "'one'" in reasons[6]
     assert result.skipped[0].content == "AAA 24.3##no end time"
     assert all(s.path == str(path) for s in result.skipped)
+    issues = {s.line: s.reason for s in result.moment_issues}
+    assert issues == {
+        3: "start 30 s is after end 20 s: moment dropped",
+        4: "start must be a finite, non-negative number of seconds, got -1.0: moment dropped",
+    }
+
+
+def test_charades_strict_makes_invalid_moments_malformed(tmp_path):
+    path = _write(tmp_path, "charades.txt", CHARADES_BAD)
+    result = read_annotations(path, skip_malformed=True, strict=True)
+    assert [q.query_id for q in result.queries] == ["AAA#enc#0", "BBB#enc#0"]
+    reasons = {s.line: s.reason for s in result.skipped}
+    assert sorted(reasons) == [2, 3, 4, 5, 6] and result.moment_issues == []
+    assert reasons[3] == "start 30 s is after end 20 s"
+    assert "non-negative" in reasons[4]
+    path = _write(tmp_path, "only_moments.txt", "AAA 1 2##fine\nLEOL6 8.0 7.0##person is holding medicine.\n")
+    with pytest.raises(AnnotationError) as err:
+        read_annotations(path, strict=True)
+    assert (err.value.line, err.value.reason, err.value.skippable) == (2, "start 8 s is after end 7 s", True)
+
+
+def test_charades_train_style_file_keeps_every_caption_with_one_warning(tmp_path, caplog):
+    lines = [f"V{i // 3:04d} {i % 7}.0 {i % 7 + 5}.5##person number {i} opens a door." for i in range(40)]
+    lines[5] = "LEOL6 8.0 7.0##person is holding medicine."
+    lines[17] = "KPBUE 19.3 11.1##person puts the book down."
+    lines[30] = "ZZZZZ nan 3##person laughs."
+    path = _write(tmp_path, "charades_sta_train.txt", "\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="storage.annotations"):
+        result = read_annotations(path)
+    assert (len(result), len(result.video_ids()), result.skipped) == (40, 14 + 3, [])
+    medicine = next(q for q in result.queries if q.video_id == "LEOL6")
+    assert (medicine.text, medicine.start, medicine.end) == ("person is holding medicine.", None, None)
+    assert [s.line for s in result.moment_issues] == [6, 18, 31]
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert message.startswith(f"{path}: 3 of 40 queries have an invalid moment; their captions are kept")
+    assert "line 6: start 8 s is after end 7 s: moment dropped" in message
+    assert "line 18: start 19.3 s is after end 11.1 s" in message and "line 31:" in message
+    assert "--strict" in message
+
+
+def test_warning_lists_ten_lines_and_counts_the_rest(tmp_path, caplog):
+    text = "".join(f"V{i} 9 {i % 5}##caption {i}\n" for i in range(25))
+    path = _write(tmp_path, "many.txt", text)
+    with caplog.at_level(logging.WARNING, logger="storage.annotations"):
+        result = read_annotations(path)
+    assert len(result.moment_issues) == 25 and len(result) == 25
+    [warning] = caplog.records
+    assert warning.getMessage().count("line ") == 10 and "and 15 more" in warning.getMessage()
+    assert len(result.split("x").moment_issues) == 25  # subsets keep the list, like `skipped`
+
+
+def test_moments_past_the_stated_duration_are_clipped_or_dropped(tmp_path, caplog):
+    data = {
+        "v_a": {
+            "duration": 100.0,
+            "timestamps": [[10, 100.01], [10, 130], [120, 125], [99, 99.5]],
+            "sentences": ["rounded end", "far end", "after the video", "inside"],
+        },
+        "v_b": {"duration": "unknown", "timestamps": [[5, 500]], "sentences": ["no usable duration"]},
+    }
+    path = _write(tmp_path, "val.json", json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="storage.annotations"):
+        result = read_annotations(path)
+    moments = {q.text: (q.start, q.end) for q in result.queries}
+    assert moments == {
+        "rounded end": (10.0, 100.0),  # within MOMENT_ROUNDING_S: clipped silently
+        "far end": (10.0, 100.0),
+        "after the video": (None, None),
+        "inside": (99.0, 99.5),
+        "no usable duration": (5.0, 500.0),
+    }
+    assert [s.reason for s in result.moment_issues] == [
+        "end 130 s is after the video's end (100 s): end clipped to 100 s",
+        "start 120 s is after the video's end (100 s): moment dropped",
+    ]
+    assert len(caplog.records) == 1
+    strict = read_annotations(path, strict=True, skip_malformed=True)
+    assert len(strict) == 3 and len(strict.skipped) == 2 and strict.moment_issues == []
+
+    tvr = {"vid_name": "clip", "duration": 60.0, "ts": [50, 75], "desc": "Ross leaves."}
+    tvr_path = _write(tmp_path, "tvr.jsonl", json.dumps(tvr) + "\n")
+    [query] = read_annotations(tvr_path).queries
+    assert (query.start, query.end) == (50.0, 60.0)
+
+
+def test_real_activitynet_ends_past_the_duration_are_rounding(real_sets, realdata):
+    """134 ends of val_1 lie 0.01 s past their video's duration: clipped, without a warning."""
+    data = json.loads((realdata / "annotations" / "activitynet_captions_val_1.json").read_text())
+    over = [
+        (v, k) for v, e in data.items() for k, (_, end) in enumerate(e["timestamps"]) if end > e["duration"]
+    ]
+    assert len(over) == 134
+    anet = real_sets["activitynet_captions_val_1.json"]
+    assert anet.moment_issues == []
+    ends = {(q.video_id, int(q.query_id.rpartition("#")[2])): q.end for q in anet.queries}
+    assert all(ends[key] == data[key[0]]["duration"] for key in over)
+
+
+def test_absurd_numbers_and_text_never_escape_as_other_errors(tmp_path):
+    lines = [
+        {"video_id": "v1", "start": 0, "end": 10**400, "caption": "huge end"},  # beyond float range
+        {"video_id": "v1", "caption": "\ud800 lone surrogate"},
+        {"video_id": "v1", "caption": "x" * 5000, "query_id": ["deep"] * 1000},
+        {"video_id": "v1", "start": 0, "end": 1, "caption": "fine"},
+    ]
+    text = (
+        "\n".join(json.dumps(x) for x in lines) + "\n" + "[" * 50_000 + "\n" + '{"a": 1' + "1" * 5000 + "}\n"
+    )
+    path = _write(tmp_path, "mine.jsonl", text)
+    result = read_annotations(path, skip_malformed=True)
+    assert [(q.text[:8], q.start, q.end) for q in result.queries] == [
+        ("huge end", None, None),
+        ("fine", 0.0, 1.0),
+    ]
+    reasons = {s.line: s.reason for s in result.skipped}
+    assert "not valid Unicode" in reasons[2]
+    assert reasons[3].startswith("query id must be non-empty text") and len(reasons[3]) < 200
+    assert reasons[5] == "not readable JSON (nested too deeply)"
+    assert "4300 digits" in reasons[6]
+    with pytest.raises(AnnotationError, match="nested too deeply") as err:
+        read_annotations(_write(tmp_path, "deep.json", "[" * 50_000), "activitynet", skip_malformed=True)
+    assert not err.value.skippable
+
+
+def test_csv_field_over_the_csv_limit_is_an_error_at_its_line(tmp_path):
+    text = 'video_id,start,end,caption\nv1,0,1,fine\nv1,0,1,"unbalanced\n' + "x" * 140_000 + "\nv2,0,1,more\n"
+    path = _write(tmp_path, "mine.csv", text)
+    for skip in (False, True):
+        with pytest.raises(AnnotationError, match="longer than 131,072 characters") as err:
+            read_annotations(path, skip_malformed=skip)
+        assert err.value.line == 3 and not err.value.skippable
+
+
+def test_detection_survives_absurd_first_lines(tmp_path):
+    deep = _write(tmp_path, "deep.jsonl", "{" + '"a":[' * 50_000 + "\n")
+    assert detect_format(deep, deep.read_bytes()) == "jsonl"
+    wide = _write(tmp_path, "wide.txt", '"' + "x" * 200_000 + "\n")
+    with pytest.raises(AnnotationError, match="cannot tell the annotation format"):
+        read_annotations(wide)
 
 
 def test_activitynet_errors_point_at_the_video_entry(tmp_path):

@@ -9,20 +9,25 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 from storage.catalog import (
     Catalog,
     CatalogError,
     UnknownVideoError,
+    VideoFolderError,
     VideoProbe,
     VideoProber,
     VideoRecord,
     assign_video_ids,
     base_video_id,
+    clean_reason,
+    frame_times,
     scan_videos,
     sha256_file,
 )
+from storage.errors import MamFusionError
 
 # README of realdata: (frames, fps, width, height as decoded, sha256 prefix)
 REAL = {
@@ -243,6 +248,7 @@ def test_unreadable_files_are_recorded_never_dropped(tmp_path):
     assert "Invalid data" in catalog.get("text").error  # the decoder's reason, not only decord's bare message
     assert catalog.get("text").sha256 == hashlib.sha256(b"this is not a video\n").hexdigest()
     assert catalog.get("empty").error
+    assert all(v.error.isprintable() for v in catalog.videos)  # no NULs from the decoder log
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
@@ -346,3 +352,140 @@ def test_unreadable_files_are_probed_again_on_the_next_scan(small_folder):
     second = scan_videos(small_folder, first.catalog, prober=prober)
     assert len(prober.paths) == 2 and len(second.catalog.readable()) == 2
     assert second.unchanged == ["rotated_90", "sub__eye"]  # same bytes: only the probe is new
+
+
+def write_avi(path, codec: str, n_frames: int = 103, fps: int = 30, b_frames: int = 0) -> None:
+    """An AVI as cameras and old tools write them: no presentation timestamps, only frame order."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        if b_frames:
+            stream.codec_context.max_b_frames = b_frames
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (7 * i) % 256, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize(
+    "codec, b_frames, bad_stamps",
+    [("libx264", 0, "all"), ("mpeg4", 2, "some")],  # H.264 in AVI: every stamp; MPEG-4 Part 2: B-frame ones
+)
+def test_avi_without_timestamps_gets_its_nominal_duration(tmp_path, codec, b_frames, bad_stamps):
+    import decord
+
+    from tasks.decode import VideoStream
+
+    root = tmp_path / "v"
+    root.mkdir()
+    write_avi(root / "clip.avi", codec, b_frames=b_frames)
+    stamps = decord.VideoReader(str(root / "clip.avi")).get_frame_timestamp(list(range(103)))[:, 0]
+    # the premise: decord hands over AV_NOPTS_VALUE / 30 (~ -3e17 s) for frames without a timestamp
+    bad = stamps < -1e10
+    assert bad.all() if bad_stamps == "all" else 0 < bad.sum() < 103
+    video = scan_videos(root).catalog.get("clip")
+    assert video.readable and (video.n_frames, video.fps) == (103, 30.0)
+    assert video.duration == round(103 / 30, 6)  # was -307445750596370432 s for the H.264 one
+    stream = VideoStream(video.path, window_s=0.5, frames_per_window=1)
+    assert stream.info.timestamps == "nominal"
+    assert round(stream.info.duration, 6) == video.duration  # one definition for catalog and decoder
+
+
+def test_catalog_durations_are_the_decoders_on_real_files(real_scan):
+    from tasks.decode import VideoStream
+
+    for video_id in REAL:
+        video = real_scan.catalog.get(video_id)
+        stream = VideoStream(video.path, window_s=0.5, frames_per_window=1, short_side=None, crop=None)
+        assert video.duration == round(stream.info.duration, 6), video_id
+        assert stream.plan.times[-1, 1] == stream.info.duration
+
+
+def test_frame_times_trusts_only_sane_container_stamps():
+    container = frame_times([0.5, 0.54, 0.58], fps=25.0)  # starts at 0.5 s: shifted to 0
+    assert container.source == "container"
+    np.testing.assert_allclose(container.starts, [0, 0.04, 0.08])
+    assert container.duration == pytest.approx(0.12)
+    nopts = -9223372036854775808 / 30
+    for stamps in (
+        [nopts] * 3,
+        [nopts, 0.0, 0.04],
+        [0.0, 0.08, 0.04],
+        [0.0, float("nan"), 0.08],
+        [-1.0, 0, 1],
+    ):
+        times = frame_times(stamps, fps=25.0)
+        assert times.source == "nominal", stamps
+        np.testing.assert_allclose(times.starts, [0, 0.04, 0.08])
+        assert times.duration == pytest.approx(0.12)
+    for fps in (0.0, float("nan"), -5.0):
+        with pytest.raises(ValueError, match="no usable video stream"):
+            frame_times([0.0, 0.04], fps=fps)
+    with pytest.raises(ValueError, match="0 frames"):
+        frame_times([], fps=25.0)
+
+
+def test_clean_reason_strips_nul_and_control_characters():
+    assert clean_reason("cannot open:\x00\x00\x00 moov\tatom\r\nnot found\x1b[0m") == (
+        "cannot open: moov atom not found [0m"
+    )
+    assert clean_reason("plain reason") == "plain reason"
+
+
+def test_unreadable_reasons_carry_no_decoder_log_padding(tmp_path, realdata):
+    """The probe log was truncated without a seek: every file after the first got a hole of NULs."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a_fake.mp4").write_text("not a video")
+    (root / "b_zero.mp4").write_bytes(b"")
+    head = (realdata / "videos" / "v_GGSY1Qvo990.mp4").read_bytes()[:20000]
+    (root / "c_truncated.mp4").write_bytes(head)
+    (root / "d_fake.webm").write_bytes(os.urandom(5000))
+    catalog = scan_videos(root).catalog
+    errors = [v.error for v in catalog.videos]
+    assert len(errors) == 4 and all(errors)
+    assert all(e.isprintable() and "\x00" not in e for e in errors), errors
+    assert "moov atom not found" in catalog.get("b_zero").error  # the log is still read, just clean
+    assert all(len(e) < 600 for e in errors)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\x00\x00\x18ftypmp42\xff\xfe\x80", "not UTF-8 text"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"format": "mamfusion-catalog", "version": 1, "root": 1' + b"1" * 5000 + b"}", "not valid JSON"),
+        (b"{" + b"\n" * 3 + b"oops", "4: not valid JSON"),
+    ],
+)
+def test_load_turns_any_content_into_a_catalog_error(tmp_path, content, message):
+    path = tmp_path / "catalog.json"
+    path.write_bytes(content)
+    with pytest.raises(CatalogError, match=message):
+        Catalog.load(path)
+
+
+def test_load_rejects_numbers_no_scan_writes(small_folder, tmp_path):
+    path = tmp_path / "catalog.json"
+    scan_videos(small_folder, prober=CountingProber()).catalog.save(path)
+    good = json.loads(path.read_text())
+    for field, value in (("duration", float("nan")), ("fps", 10**400), ("size", -1)):
+        data = json.loads(json.dumps(good))
+        data["videos"][0][field] = value
+        path.write_text(json.dumps(data))
+        with pytest.raises(CatalogError, match=rf"videos\[0\]\.{field} must be a finite, non-negative"):
+            Catalog.load(path)
+    data = json.loads(json.dumps(good))
+    data["videos"][0]["sha256"] = [[[["deep"]]]] * 1000
+    path.write_text(json.dumps(data))
+    with pytest.raises(CatalogError, match=r"videos\[0\]\.sha256") as err:
+        Catalog.load(path)
+    assert len(str(err.value)) < 300  # a bounded repr of the offending value
+
+
+def test_missing_folder_is_a_user_error_that_is_never_retried(tmp_path):
+    with pytest.raises(VideoFolderError) as err:
+        scan_videos(tmp_path / "nope")
+    assert isinstance(err.value, NotADirectoryError) and isinstance(err.value, MamFusionError)

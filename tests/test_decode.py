@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -142,3 +143,81 @@ def test_non_video_raises_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="cannot open") as err:
         VideoStream(path, window_s=0.5, frames_per_window=1)
     assert err.value.path == str(path)
+
+
+def write_cfr_video(path: Path, n_frames: int, fps: int, size: int = 32) -> None:
+    """Constant-rate MPEG-4 clip; frame i is flat grey 5 + 10 (i % 24), so the pixels tell frames apart."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(n_frames):
+            grey = np.full((size, size, 3), 5 + 10 * (i % 24), np.uint8)
+            frame = av.VideoFrame.from_ndarray(grey, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_plan_windows_never_samples_faster_than_the_video() -> None:
+    starts = np.arange(5, dtype=np.float64)  # 1 fps, 5 s
+    upsampled = plan_windows(starts, 5.0, window_s=0.5, frames_per_window=1)  # without fps: as asked
+    assert upsampled.indices.ravel().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    plan = plan_windows(starts, 5.0, window_s=0.5, frames_per_window=1, fps=1.0)
+    assert plan.indices.ravel().tolist() == [0, 1, 2, 3, 4]  # every frame once
+    np.testing.assert_allclose(plan.times, [[k, k + 1] for k in range(5)])
+    assert (plan.window_s, plan.native_rate, plan.padded) == (1.0, True, 0)
+    segment = plan_windows(np.arange(20.0), 20.0, window_s=1.5, frames_per_window=8, fps=1.0)
+    assert segment.window_s == 8.0 and segment.indices[0].tolist() == list(range(8))
+    assert len(np.unique(segment.indices[:2])) == 16  # two segments, sixteen distinct frames
+    fast_enough = plan_windows(np.arange(50) / 25.0, 2.0, window_s=0.5, frames_per_window=1, fps=25.0)
+    assert (fast_enough.window_s, fast_enough.native_rate, len(fast_enough.times)) == (0.5, False, 4)
+
+
+def test_plan_windows_has_no_sliver_row_from_float32_timestamps() -> None:
+    # decord's stamps are float32: 930 frames at 30 fps end at 31.0000005 s, not 31 s
+    starts = (np.arange(930) / 30.0).astype(np.float32).astype(np.float64)
+    duration = float(starts[-1] + 1 / 30)
+    assert duration > 31.0 and math.ceil(duration / 0.5 - 1e-6) == 63  # what made [31.0, 31.0000005]
+    plan = plan_windows(starts, duration, window_s=0.5, frames_per_window=1, fps=30.0)
+    assert len(plan.times) == 62
+    np.testing.assert_allclose(plan.times[-1], [30.5, duration])
+    assert np.all(np.diff(plan.times, axis=1) >= 0.5 - 1e-9)
+    # real partial windows are kept, even 4 ms of the last frame of a 120-frame NTSC clip
+    partial = plan_windows(np.arange(93) / 30.0, 3.1, window_s=0.5, frames_per_window=1, fps=30.0)
+    np.testing.assert_allclose(partial.times[-1], [3.0, 3.1])
+    ntsc = plan_windows(np.arange(120) / 29.97, 120 / 29.97, window_s=0.5, frames_per_window=1, fps=29.97)
+    assert len(ntsc.times) == 9 and ntsc.indices[-1, 0] == 119
+    np.testing.assert_allclose(ntsc.times[-1], [4.0, 4.004], atol=1e-4)
+    with pytest.raises(ValueError, match="positive duration"):
+        plan_windows(np.zeros(1), 0.0, window_s=0.5, frames_per_window=1)
+
+
+def test_one_fps_video_gives_one_row_per_frame(tmp_path: Path) -> None:
+    path = tmp_path / "slow.mp4"
+    write_cfr_video(path, n_frames=12, fps=1)
+    stream = VideoStream(path, window_s=0.5, frames_per_window=1, short_side=None, crop=None)
+    assert stream.info.fps == pytest.approx(1.0) and stream.info.duration == pytest.approx(12.0)
+    assert (stream.plan.window_s, stream.plan.native_rate) == (pytest.approx(1.0), True)
+    assert stream.plan.indices.ravel().tolist() == list(range(12))
+    np.testing.assert_allclose(stream.plan.times, [[k, k + 1] for k in range(12)], atol=1e-6)
+    grey = all_frames(stream)[:, 0].mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(grey, [5 + 10 * k for k in range(12)], atol=3)  # twelve different frames
+
+
+def test_video_an_exact_multiple_of_the_window_has_no_empty_last_row(tmp_path: Path) -> None:
+    path = tmp_path / "thirty_one_seconds.mp4"
+    write_cfr_video(path, n_frames=930, fps=30, size=16)
+    stream = VideoStream(path, window_s=0.5, frames_per_window=1, short_side=None, crop=None)
+    times = stream.plan.times
+    assert stream.info.duration == pytest.approx(31.0, abs=1e-5)
+    assert len(times) == 62 and not stream.plan.native_rate
+    assert times[-1, 0] == 30.5 and times[-1, 1] == stream.info.duration
+    assert np.all(times[:, 1] - times[:, 0] >= 0.5 - 1e-6)
+    assert stream.plan.indices[-1, 0] == 929 - 7  # the frame on screen at 30.75 s
+
+
+def test_decode_error_reasons_are_one_printable_line() -> None:
+    err = DecodeError("/v/zero.mp4", "cannot open:" + "\x00" * 300 + " moov atom\nnot found\r")
+    assert err.reason == "cannot open: moov atom not found"
+    assert str(err) == "/v/zero.mp4: cannot open: moov atom not found"

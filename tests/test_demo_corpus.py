@@ -19,6 +19,7 @@ from storage.demo_corpus import (
     MOTIONS,
     SHAPES,
     DemoCorpus,
+    DemoCorpusConfig,
     DemoCorpusError,
     DemoEvent,
     assign_splits,
@@ -244,10 +245,13 @@ def test_a_folder_with_other_files_is_refused(tmp_path: Path) -> None:
 
 
 def test_invalid_sizes_fail_with_the_field_name(tmp_path: Path) -> None:
-    with pytest.raises(pydantic.ValidationError, match="min_events"):
+    with pytest.raises(DemoCorpusError, match="min_events"):
         generate_demo_corpus(tmp_path, n_videos=1, min_events=4, max_events=2)
-    with pytest.raises(pydantic.ValidationError, match="width"):
+    with pytest.raises(DemoCorpusError, match="width: Input should be a multiple of 2"):
         generate_demo_corpus(tmp_path, n_videos=1, width=161)
+    with pytest.raises(pydantic.ValidationError, match="n_videos"):  # the config class itself stays pydantic
+        DemoCorpusConfig(n_videos=0)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_cli_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -262,7 +266,37 @@ def test_cli_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixtur
     ]
 
 
+def _user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Exit 2 with one line on stderr and no traceback."""
+    assert cli_main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith("demo-corpus: ")
+    return captured.err
+
+
 def test_cli_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "x.txt").write_text("x")
-    assert cli_main(["demo-corpus", str(tmp_path), "--videos", "1"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not empty" in _user_error(capsys, ["demo-corpus", str(tmp_path), "--videos", "1"])
+
+
+def test_cli_refuses_an_existing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    err = _user_error(capsys, ["demo-corpus", str(target), "--videos", "1"])
+    assert f"{target}: is a file, not a folder" in err
+    assert target.read_text() == "mine"
+    under_a_file = target / "corpus"
+    assert "cannot write the demo corpus" in _user_error(capsys, ["demo-corpus", str(under_a_file)])
+
+
+def test_cli_refuses_invalid_sizes_and_foreign_manifests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _user_error(capsys, ["demo-corpus", str(tmp_path / "a"), "--videos", "0"])
+    assert "n_videos: Input should be greater than or equal to 1" in err
+    for body in ("{not json", json.dumps({"videos": [{"file": "../../etc/passwd"}]}), "[" * 100_000):
+        folder = tmp_path / "foreign"
+        folder.mkdir(exist_ok=True)
+        (folder / "corpus.json").write_text(body)
+        assert "not a demo corpus manifest" in _user_error(capsys, ["demo-corpus", str(folder)])

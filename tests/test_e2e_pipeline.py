@@ -30,11 +30,13 @@ from flows.params import MsslSource, PipelineParams
 from flows.pipeline import full_pipeline
 from flows.server import down, free_port, run_deployment, up
 from storage.demo_corpus import generate_demo_corpus
+from storage.index import VideoIndex
+from storage.registry import ModelRegistry
 from tasks import wrappers
 from tasks.decode import DecodeError
 from tasks.extract import ExtractOutcome
 from tasks.profiles import feature_profile
-from tasks.publish import PUBLISH_FILE, read_current
+from tasks.train import TrainRequest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -113,11 +115,7 @@ def run(world, deployment: str = "full-pipeline", **changes):
 
 def extract_states(tasks) -> dict[str, str]:
     """Per video id, the final state name of its extraction task run."""
-    return {
-        t.name.removeprefix("extract-"): t.state.name
-        for t in tasks
-        if t.name.startswith("extract-") and not t.name.startswith("extract-text-")
-    }
+    return {t.name[len("extract[") : -1]: t.state.name for t in tasks if t.name.startswith("extract[")}
 
 
 def table(artifact) -> list[dict]:
@@ -128,32 +126,45 @@ def models_dir(world) -> Path:
     return Path(world["params"]["output"]) / "models"
 
 
+def read_current(models: Path) -> str | None:
+    return ModelRegistry(models).current_version()
+
+
 def test_full_pipeline_through_the_deployment(world):
     result, flow_run, tasks, artifacts = run(world)
     assert result.completed, result.output
     assert flow_run.state.type.value == "COMPLETED"
     states = extract_states(tasks)
     assert set(states) >= {f"demo000{i}" for i in range(4)} | {"v_GGSY1Qvo990", "big_buck_bunny_vp8"}
-    assert all(s == "Completed" for s in states.values()), states
+    assert {k: v for k, v in states.items() if v != "Completed"} == {}
     assert {"mamfusion-metrics", "mamfusion-report", "mamfusion-skipped", "mamfusion-model"} <= set(artifacts)
     assert "mamfusion-extraction" in artifacts  # progress artifact, updated per video
-    metrics = table(artifacts["mamfusion-metrics"])[0]
-    assert metrics["split"] == "test" and 0 < metrics["sumr"] <= 400
+    rows = {row["row"]: row for row in table(artifacts["mamfusion-metrics"])}
+    assert 0 < rows["challenger"]["sumr"] <= 400 and rows["chance (random ranking)"]["sumr"] > 0
+    assert "queries vs a gallery of" in artifacts["mamfusion-metrics"].description
     skipped = table(artifacts["mamfusion-skipped"])
-    assert any(row["item"].endswith("corrupted.mp4") and row["reason"] for row in skipped), skipped
+    assert any(row["id"].endswith("corrupted.mp4") and row["reason"] for row in skipped), skipped
     version = read_current(models_dir(world))
     assert version is not None and (models_dir(world) / version / "report.md").is_file()
     assert "## Publishing" in (models_dir(world) / version / "report.md").read_text()
     assert (models_dir(world) / version / "index.zarr").is_dir()
 
 
-def test_second_run_extracts_nothing(world):
+def test_second_run_extracts_nothing_publishes_nothing_and_indexes_nothing(world):
+    versions = ModelRegistry(models_dir(world)).versions()
+    current = ModelRegistry(models_dir(world)).current()
+    index_before = VideoIndex.open(str(current.index_dir)).count
     result, _, tasks, artifacts = run(world)
     assert result.completed, result.output
     states = extract_states(tasks)
     assert states and all(s == "Cached" for s in states.values()), states
+    assert {t.state.name for t in tasks if t.name.startswith("train")} == {"Cached"}
     skipped = table(artifacts["mamfusion-skipped"])
-    assert any(row["item"].endswith("corrupted.mp4") for row in skipped)
+    assert any(row["id"].endswith("corrupted.mp4") for row in skipped)
+    assert ModelRegistry(models_dir(world)).versions() == versions  # no duplicate model version
+    assert read_current(models_dir(world)) == current.version
+    assert VideoIndex.open(str(current.index_dir)).count == index_before  # nothing re-indexed
+    assert "identical to the current model" in artifacts["mamfusion-metrics"].description
 
 
 def test_retrain_with_nothing_new_trains_nothing(world):
@@ -183,13 +194,15 @@ def test_retrain_extracts_only_the_new_videos(world, tmp_path):
 def test_worse_challenger_does_not_replace_the_champion(world):
     (result, _, _, artifacts), champion = world["retrain"]
     assert result.completed, result.output
-    rows = {row["model"].split()[0]: row for row in table(artifacts["mamfusion-metrics"])}
+    rows = {row["row"].split()[0]: row for row in table(artifacts["mamfusion-metrics"])}
     assert rows["challenger"]["sumr"] < rows["champion"]["sumr"], rows
     assert read_current(models_dir(world)) == champion
-    newest = max(p.name for p in models_dir(world).iterdir() if p.is_dir())
-    decision = json.loads((models_dir(world) / newest / PUBLISH_FILE).read_text())
-    assert decision["promoted"] is False and decision["current"] == champion
-    assert "kept as a candidate" in (models_dir(world) / newest / "report.md").read_text()
+    registry = ModelRegistry(models_dir(world))
+    newest = registry.model(registry.versions()[-1])
+    decision = newest.read_publish()
+    assert decision is not None and decision.promoted is False and decision.current == champion
+    assert decision.n_videos >= 2 and decision.gallery.startswith("split test:")
+    assert "kept as a candidate" in newest.report_file.read_text()
 
 
 def test_no_usable_videos_fails_with_one_clear_message(world, realdata, tmp_path):
@@ -241,12 +254,11 @@ def test_training_retried_after_a_crash_resumes_from_its_checkpoint(world, monke
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "run_epoch", crash_once)
-    cfg = PipelineParams(overrides=TRAIN).experiment().model_dump(mode="json")
+    cfg = PipelineParams(demo=True, overrides=TRAIN).experiment()
     run_dir = tmp_path / "run"
     p = world["params"]
-    state = _no_cache(wrappers.train_task)(
-        cfg, p["store"], p["annotations"], None, str(run_dir), None, None, "digest", return_state=True
-    )
+    request = TrainRequest(config=cfg, store=p["store"], annotations=p["annotations"], run_dir=str(run_dir))
+    state = _no_cache(wrappers.train_task)(request, "digest", return_state=True)
     assert state.is_completed()
     # epoch 1 ran, epoch 2 crashed, the retry resumed at epoch 2 instead of starting over: 4 calls, not 5
     assert len(epochs) == 4
@@ -268,5 +280,5 @@ def test_mssl_bundle_is_imported_trained_and_published(world, tmp_path):
     result = full_pipeline(params)
     assert result["status"] == "published" and result["promoted"]
     assert result["metrics"]["split"] == "val"  # the bundle has no val captions: its test file selects
-    assert {s["item"] for s in result["skipped"]} >= {"v3", "v4"}  # videos without complete features
+    assert {s["id"] for s in result["skipped"]} >= {"v3", "v4"}  # videos without complete features
     assert read_current(tmp_path / "out" / "models") == result["version"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from storage.catalog import VideoRecord, scan_videos
+from storage.catalog import VideoRecord, scan_videos, sha256_file
 from storage.feature_store import FeatureDimensionError, FeatureStore
 from tasks.extract import (
     ExtractSummary,
@@ -224,15 +224,70 @@ def test_cli_extract_json_summary(realdata: Path, tmp_path: Path, capsys: pytest
     summary = json.loads(capsys.readouterr().out)
     assert sorted(summary["extracted"]) == ["carphone_176x144", "rotated_90"] and summary["cached"] == []
     assert [s["path"].endswith("corrupted.mp4") for s in summary["skipped"]] == [True]
-    assert summary["queries"]["encoded"] == 1
+    assert summary["queries"]["encoded"] == 1 and summary["notes"] == []
     assert main([*args, "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert len(again["cached"]) == 2 and again["frames_decoded"] == 0 and again["queries"]["cached"] == 1
 
-    assert main([*args, "--weights", "resnet152=/x.pth"]) == 1
-    assert "not in the lite profile" in capsys.readouterr().err
-    assert main([*args, "--profile", "paper", "--weights", f"text={tmp_path}"]) == 1  # before any video work
-    assert "no config.json" in capsys.readouterr().err
+    for bad, message in (
+        (["--weights", "resnet152=/x.pth"], "not in the lite profile"),
+        (["--weights", "resnet152"], "expects NAME=PATH"),
+        (["--profile", "paper", "--weights", f"text={tmp_path}"], "no config.json"),  # before any video work
+    ):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("extract: ") and message in err and err.count("\n") == 1, err
+    assert main(["extract", "--videos", str(tmp_path / "nope"), "--store", str(store)]) == 2
+    assert "does not exist or is not a folder" in capsys.readouterr().err
+
+
+def write_one_fps_video(path: Path, n_frames: int) -> None:
+    """A slideshow-like clip at 1 fps: frame i is flat grey 20 + 25 i."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(n_frames):
+            grey = np.full((64, 64, 3), 20 + 25 * i, np.uint8)
+            frame = av.VideoFrame.from_ndarray(grey, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_low_frame_rate_video_is_sampled_at_its_own_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_one_fps_video(videos / "slides.mp4", n_frames=6)
+    store_path = tmp_path / "store.zarr"
+    argv = ["extract", "--videos", str(videos), "--store", str(store_path), "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["extracted"] == ["slides"] and summary["frames_decoded"] == 6
+    [note] = summary["notes"]
+    assert note["path"].endswith("slides.mp4")
+    assert note["note"] == (
+        "1 fps is below the profile's 2 frames/s: sampled every frame once, rows of 1 s instead of 0.5 s"
+    )
+    store = FeatureStore(store_path)
+    entry = store.read_video(sha256_file(videos / "slides.mp4"), summary["visual_fingerprint"])
+    assert entry.features.shape == (6, 1280)  # one row per frame, not two
+    np.testing.assert_allclose(entry.times, [[k, k + 1] for k in range(6)], atol=1e-6)
+    assert (entry.attrs["window_s"], entry.attrs["native_rate"]) == (pytest.approx(1.0), True)
+    assert len({row.tobytes() for row in entry.features}) == 6  # six different frames, six different rows
+    assert main(argv) == 0  # cached: the note was given once, when the video was extracted
+    again = json.loads(capsys.readouterr().out)
+    assert again["cached"] == ["slides"] and again["notes"] == []
+
+
+def test_skip_reasons_from_an_old_catalog_are_cleaned(records: dict[str, VideoRecord], lite_run) -> None:
+    store, _ = lite_run
+    dirty = replace(records["corrupted"], error="RuntimeError: cannot open" + "\x00" * 200 + " moov atom")
+    outcome = extract_video(dirty, VisualExtractor(LITE.visual), store)
+    assert (outcome.status, outcome.reason) == ("skipped", "RuntimeError: cannot open moov atom")
 
 
 def test_profile_overrides_are_checked() -> None:

@@ -228,7 +228,7 @@ def test_pack_serves_the_same_values_and_stays_current(
     store: FeatureStore, small_pack_chunks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_videos(store, range(8))
-    store.write_video(sha(8), FP, np.zeros((4, DIM)), times(4))  # all-zero chunks are not stored by zarr
+    store.write_video(sha(8), FP, np.zeros((4, DIM)), times(4))  # all-zero chunks are stored too
     info = store.pack(FP)
     assert (info.entries, info.rows) == (9, sum(len(feats(i)) for i in range(8)) + 4)
     assert store.pack(FP) == info  # nothing changed: no new pack

@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from storage.index import (
+    DamagedIndexError,
     IndexFormatError,
     IndexModelMismatchError,
     IndexNotFoundError,
@@ -229,11 +230,20 @@ def test_index_on_a_loopback_s3_server(s3_bucket):
 
 
 def test_read_rows_reports_a_truncated_chunk(tmp_path):
+    """A cut chunk fails its size and checksum check: every row in it is an error naming rows, videos and the
+    chunk (not just the rows past the cut), while the other chunks still read."""
     index = _new(str(tmp_path / "idx.zarr"), "float32", chunk_rows=4)
     vectors, *rest = _rows(np.random.default_rng(9), 8)
     index.append(vectors, *rest)
     chunk = tmp_path / "idx.zarr" / "vectors" / "c" / "1" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[: 2 * (CLIPS + 1) * DIM * 4 + 10])  # rows 4, 5 whole; row 6 cut
-    np.testing.assert_array_equal(index.read_rows(np.array([5])), vectors[[5]])
-    with pytest.raises(IndexFormatError, match=r"idx.zarr: chunk 1 is truncated at row 2; rebuild it"):
-        index.read_rows(np.array([6]))
+    np.testing.assert_array_equal(index.read_rows(np.array([1])), vectors[[1]])
+    for rows in ([5], [6]):
+        with pytest.raises(
+            DamagedIndexError,
+            match=r"idx.zarr: rows 4..7 \(videos v4, v5, v6, ...\) damaged: "
+            r"vectors/c/1/0/0 holds 330 bytes where 644 were expected",
+        ):
+            index.read_rows(np.array(rows))
+    with pytest.raises(IndexFormatError, match="vectors/c/1/0/0"):  # DamagedIndexError is an IndexFormatError
+        index.load_vectors()

@@ -20,15 +20,12 @@ from flows import cli
 from models.config import MamFusionConfig
 from models.mamfusion import MamFusion
 from storage.catalog import Catalog, VideoRecord
+from storage.errors import MamFusionError
 from storage.feature_store import FeatureStore
-from storage.index import (
-    IndexModelMismatchError,
-    IndexNotFoundError,
-    ModelDirError,
-    VideoIndex,
-    model_fingerprint,
-)
+from storage.index import IndexModelMismatchError, IndexNotFoundError, VideoIndex
+from storage.registry import ExtractorSnapshot, FeatureSource, ModelDir, RegistryError
 from tasks.extract import extract_queries
+from tasks.moments import SpanRule, clip_range
 from tasks.profiles import feature_profile
 from tasks.search import (
     ApproxConfig,
@@ -57,10 +54,24 @@ class HashTextEncoder:
         ]
 
 
+def _snapshot(store: FeatureStore, fp: str, kind: str, dim: int) -> ExtractorSnapshot:
+    try:
+        return ExtractorSnapshot(fingerprint=fp, **store.extractor_info(fp))
+    except MamFusionError:  # not registered (the hash encoder stands in for it)
+        return ExtractorSnapshot(fingerprint=fp, kind=kind, dim=dim, config={})
+
+
 def _write_model(model: MamFusion, directory: Path, store_url: str, visual_fp: str, text_fp: str) -> Path:
     model.save_pretrained(directory)
-    features = {"store": store_url, "visual_fingerprint": visual_fp, "text_fingerprint": text_fp}
-    (directory / "features.json").write_text(json.dumps(features))
+    store = FeatureStore(store_url)
+    cfg = model.config
+    source = FeatureSource(
+        store=store_url,
+        visual=_snapshot(store, visual_fp, "visual", cfg.visual_dim),
+        text=_snapshot(store, text_fp, "text", cfg.query_dim),
+        data_digest="test",
+    )
+    (directory / "features.json").write_text(source.model_dump_json())
     return directory
 
 
@@ -157,10 +168,18 @@ def test_scan_matches_model_scoring_and_moments(gallery):
         np.testing.assert_allclose(
             [h.score for h in per_query], want_scores[qi, order].numpy(), rtol=1e-5, atol=1e-6
         )
+        qn = torch.nn.functional.normalize(q, dim=-1)
         for h in per_query:
             j = ids.index(h.video_id)
-            start, end = clip_spans(videos[j].times, TINY.map_size)[want_clip[qi, j]].tolist()
-            assert (h.start, h.end) == pytest.approx((start, end))
+            spans = clip_spans(videos[j].times, TINY.map_size)
+            start, end = spans[want_clip[qi, j]].tolist()
+            assert (h.clip_start, h.clip_end) == pytest.approx((start, end))  # the single-clip baseline
+            want_profile = torch.nn.functional.normalize(emb.clips[j], dim=-1) @ qn[qi]
+            np.testing.assert_allclose(h.profile, want_profile.numpy(), atol=2e-5)
+            assert int(np.argmax(h.profile)) == int(want_clip[qi, j])
+            lo, hi = clip_range(want_profile.numpy(), SpanRule())
+            assert (h.start, h.end) == pytest.approx((float(spans[lo, 0]), float(spans[hi, 1])))
+            assert h.start <= h.clip_start and h.end >= h.clip_end  # the span contains the best clip
             assert h.path == f"/videos/{h.video_id}.mp4"
         assert [h.rank for h in per_query] == list(range(1, len(ids) + 1))
 
@@ -275,13 +294,13 @@ def test_gallery_problems_are_skipped_with_reasons(gallery):
         gallery.index_url,
         catalog=Catalog(catalog.root, catalog.videos + extra),
     )
-    reasons = {s["video_id"]: s["reason"] for s in summary.skipped}
+    reasons = {s.id: s.reason for s in summary.skipped}
     assert reasons["broken"] == "unreadable: moov atom not found"
     assert "no sha256" in reasons["nohash"] and "no features for visual extractor" in reasons["noft"]
     by_ids = build_index(
         gallery.model_dir, gallery.store, str(gallery.root / "ids.zarr"), video_ids=["v001", "zzz"]
     )
-    assert by_ids.added == ["v001"] and by_ids.skipped[0]["video_id"] == "zzz"
+    assert by_ids.added == ["v001"] and by_ids.skipped[0].id == "zzz"
     assert list(VideoIndex.open(str(gallery.root / "ids.zarr")).rows().paths) == [""]
 
 
@@ -311,9 +330,9 @@ def test_missing_index_and_model_files(gallery):
     ):
         Searcher.from_model_dir(gallery.model_dir)
     (gallery.model_dir / "features.json").unlink()
-    with pytest.raises(ModelDirError, match="features.json: missing"):
+    with pytest.raises(RegistryError, match="features.json: missing"):
         Searcher.from_model_dir(gallery.model_dir, gallery.index_url)
-    with pytest.raises(ValueError, match="exactly one gallery"):
+    with pytest.raises(TypeError, match="exactly one gallery"):
         build_index(gallery.model_dir, gallery.store, gallery.index_url)
 
 
@@ -392,7 +411,7 @@ def test_copied_model_dir_keeps_its_index_valid(gallery):
     """The fingerprint is the files' content: a published copy of the same model can use the same index."""
     build_index(gallery.model_dir, gallery.store, gallery.index_url, catalog=gallery.catalog())
     copy = shutil.copytree(gallery.model_dir, gallery.root / "published")
-    VideoIndex.open(gallery.index_url).check_model(model_fingerprint(copy))
+    VideoIndex.open(gallery.index_url).check_model(ModelDir(copy).fingerprint())
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -449,4 +468,56 @@ def test_cli_index_from_an_annotation_split(gallery, capsys):
     assert (
         cli.main(["index", "--model", str(gallery.root / "nowhere"), "--annotations", str(annotations)]) == 2
     )
-    assert "config.json: missing" in capsys.readouterr().err
+    assert "no such model folder" in capsys.readouterr().err
+
+
+def _tree_state(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the roots with its size and mtime: what a read-only user must leave as it was."""
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_search_writes_nothing_and_needs_no_store(gallery, monkeypatch):
+    """Search reads the model folder and the index only; the training store is not even opened."""
+    import tasks.search
+
+    # the model's text extractor is a test stand-in: build it from the snapshot without loading weights
+    monkeypatch.setattr(tasks.search, "text_encoder_from_info", lambda info, fp: HashTextEncoder())
+    build_index(gallery.model_dir, gallery.store, catalog=gallery.catalog())
+    before = _tree_state(gallery.model_dir, gallery.root / "store")
+    for p in [gallery.model_dir, *gallery.model_dir.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        shutil.rmtree(gallery.root / "store")  # gone: search must not need it
+        searcher = Searcher.from_model_dir(gallery.model_dir)
+        hits = searcher.search(["a person opens the door"], top_k=3)[0]
+        assert [h.rank for h in hits] == [1, 2, 3]
+        assert not (gallery.root / "store").exists()  # nothing re-created it
+        assert _tree_state(gallery.model_dir) == {
+            k: v for k, v in before.items() if k.startswith(str(gallery.model_dir))
+        }
+    finally:
+        for p in [gallery.model_dir, *gallery.model_dir.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_index_with_a_mistyped_store_fails_and_creates_nothing(gallery, capsys):
+    catalog_path = gallery.root / "catalog.json"
+    gallery.catalog().save(catalog_path)
+    typo = gallery.root / "stroe"
+    argv = ["index", "--model", str(gallery.model_dir), "--catalog", str(catalog_path), "--store", str(typo)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(typo) in err and "Traceback" not in err
+    assert not typo.exists()
+
+
+def test_invalid_utf8_query_is_a_clear_error(gallery, capsys):
+    build_index(gallery.model_dir, gallery.store, gallery.index_url, catalog=gallery.catalog())
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what argv holds for a Latin-1 terminal
+    with pytest.raises(QueryError, match="query 0 is not valid UTF-8"):
+        gallery.searcher().search([bad])

@@ -21,10 +21,11 @@ from storage.catalog import scan_videos
 from storage.demo_corpus import generate_demo_corpus
 from storage.feature_store import FeatureStore
 from storage.index import VideoIndex
+from storage.registry import RunDir
 from tasks.extract import extract_queries, extract_videos
 from tasks.profiles import feature_profile
 from tasks.search import Hit, Searcher, build_index
-from tasks.train import FEATURES_FILE, train_run
+from tasks.train import TrainRequest, train_run
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +56,13 @@ def trained(tmp_path_factory) -> Trained:
     annotations = read_annotations(corpus.annotations_path)
     extract_queries([q.text for q in annotations.queries], profile, store)
     config = load_preset("demo", {"device": "cpu"})
-    train_run(config, store.url, corpus.annotations_path, root / "run", progress=False)
+    request = TrainRequest(
+        config=config, store=store.url, annotations=corpus.annotations_path, run_dir=str(root / "run")
+    )
+    train_run(request, progress=False)
     torch.manual_seed(1)
     MamFusion(config.model).save_pretrained(root / "random")
-    shutil.copy(root / "run" / FEATURES_FILE, root / "random" / FEATURES_FILE)
+    shutil.copy(RunDir(root / "run").features_file, RunDir(root / "random").features_file)
     test = annotations.split("test")
     return Trained(root, store, test, test.video_ids())
 

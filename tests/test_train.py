@@ -20,17 +20,22 @@ from models.config import ConfigError, load_preset
 from models.mamfusion import MamFusion
 from storage.annotations import AnnotationSet, QueryRecord
 from storage.feature_store import FeatureStore
+from storage.registry import RunDir
 from storage.synthetic import SyntheticConfig, SyntheticPRVR, make_synthetic_benchmark, write_to_store
+from tasks import train as train_module
 from tasks.data import DataError, load_split
 from tasks.device import resolve_device
 from tasks.evaluate import evaluate
 from tasks.train import (
-    CHECKPOINT,
+    ResumeMismatchError,
+    TrainingDivergedError,
+    TrainRequest,
     _rng_state,
     _set_rng_state,
     amp_enabled,
     select_splits,
     train,
+    train_run,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +122,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(bench, tmp_path, capsys)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    state = torch.load(killed / CHECKPOINT, weights_only=True)["state"]
+    state = torch.load(RunDir(killed).checkpoint_file, weights_only=True)["state"]
     assert 1 <= state["epoch"] < 3, "the run must be killed part-way"
 
     resumed = _cli_train(bench, killed, overrides)
@@ -168,8 +173,8 @@ def test_dimension_mismatch_fails_before_training(bench, tmp_path):
     train_data, val_data = _splits(bench, "train", "val")
     cfg = load_preset("demo", TINY | {"visual_dim": 1280})
     with pytest.raises(DataError, match=r"visual features .* are 64-d .* visual_dim=1280"):
-        train(cfg, train_data, val_data, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / CHECKPOINT).exists()
+        train(cfg, train_data, val_data, RunDir(tmp_path / "run"), progress=False)
+    assert not RunDir(tmp_path / "run").checkpoint_file.exists()
 
     proc = _cli_train(bench, tmp_path / "cli", TINY | {"query_dim": 384})
     out, err = proc.communicate(timeout=120)
@@ -195,7 +200,7 @@ def test_early_stopping_and_history(bench, tmp_path):
     train_data, val_data = _splits(bench, "train", "val")
     # A zero-ish learning rate cannot improve val SumR after epoch 1, so patience 1 stops after epoch 3.
     cfg = load_preset("demo", TINY | {"lr": 1e-12, "n_epoch": 10, "max_es_cnt": 1})
-    result = train(cfg, train_data, val_data, tmp_path, progress=False)
+    result = train(cfg, train_data, val_data, RunDir(tmp_path), progress=False)
     assert (result.epochs_run, result.stopped_early, result.best_epoch) == (3, True, 1)
     history = _history(tmp_path)
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -203,7 +208,7 @@ def test_early_stopping_and_history(bench, tmp_path):
     assert set(history[0]["train"]) >= {"total", "clip_nce", "clip_trip", "frame_nce", "frame_trip", "qdl"}
     assert {"r1", "r5", "r10", "r100", "sumr"} <= set(history[0]["val"])
     again = train(
-        cfg, train_data, val_data, tmp_path, progress=False
+        cfg, train_data, val_data, RunDir(tmp_path), progress=False
     )  # resuming a finished run: nothing to do
     assert (again.epochs_run, again.best_epoch) == (3, 1)
 
@@ -219,13 +224,11 @@ def test_full_model_learns_far_above_untrained(tmp_path):
     cfg = load_preset("demo", TINY | {"hidden_size": 32, "n_epoch": 5, "batch_size": 32})
     torch.manual_seed(0)
     untrained = evaluate(MamFusion(cfg.model), test_data, details=False).metrics
-    result = train(cfg, train_data, val_data, tmp_path / "run", progress=False)
+    result = train(cfg, train_data, val_data, RunDir(tmp_path / "run"), progress=False)
     trained = evaluate(MamFusion.from_pretrained(tmp_path / "run"), test_data, details=False).metrics
-    n = len(test_data.video_ids)
-    chance_sumr = sum(100 * min(k, n) / n for k in (1, 5, 10, 100))
-    assert untrained["sumr"] < chance_sumr + 40, (untrained, chance_sumr)
-    assert trained["sumr"] > untrained["sumr"] + 100, (trained, untrained)
-    assert trained["r1"] > 5 * 100 / n, trained
+    assert untrained.sumr < untrained.chance.sumr + 40, untrained
+    assert trained.sumr > untrained.sumr + 100, (trained, untrained)
+    assert trained.r1 > 5 * trained.chance.r1, trained
     assert result.best_sumr > 0
 
 
@@ -240,3 +243,90 @@ def test_device_and_amp_choice():
         assert resolve_device(load_preset("demo").train.device) == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device(load_preset("demo", {"device": "cuda"}).train.device, "train.device")
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_field(bench, tmp_path, capsys):
+    train_data, val_data = _splits(bench, "train", "val")
+    run = RunDir(tmp_path / "run")
+    train(load_preset("demo", TINY | {"n_epoch": 1}), train_data, val_data, run, progress=False)
+    recorded = run.read_experiment()
+    changed = load_preset("demo", TINY | {"n_epoch": 1, "lr": 1e-2})
+    with pytest.raises(ResumeMismatchError, match=r"train\.lr: 0\.001 -> 0\.01.*--no-resume"):
+        train(changed, train_data, val_data, run, progress=False)
+    assert run.read_experiment() == recorded  # the record still describes what was run
+    # speed-only settings may change on resume
+    train(
+        load_preset("demo", TINY | {"n_epoch": 1, "eval_query_bsz": 7}),
+        train_data,
+        val_data,
+        run,
+        progress=False,
+    )
+    # other data: refused too
+    with pytest.raises(ResumeMismatchError, match="data: the training/validation videos or captions changed"):
+        train(load_preset("demo", TINY | {"n_epoch": 1}), val_data, val_data, run, progress=False)
+    # through the CLI: one line, exit 2
+    _, store, _, annotations = bench
+    argv = ["train", "--preset", "demo", "--store", store.url, "--annotations", str(annotations)]
+    argv += ["--out", str(run.path), *(a for k, v in TINY.items() for a in ("--set", f"{k}={v}"))]
+    assert cli_main([*argv, "--set", "n_epoch=1", "--set", "lr=0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.001 -> 0.02" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("lr=inf", "train.lr"),
+        ("lr=nan", "train.lr"),
+        ("lr=1000", "train.lr"),
+        ("batch_size=99999999999999999999999", "train.batch_size"),
+    ],
+)
+def test_absurd_hyper_parameters_fail_validation(bench, tmp_path, capsys, override, field):
+    _, store, _, annotations = bench
+    argv = ["train", "--preset", "demo", "--store", store.url, "--annotations", str(annotations)]
+    assert cli_main([*argv, "--out", str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_stops_training_naming_epoch_and_step(bench, tmp_path, monkeypatch):
+    """Weights that turn non-finite (as lr=inf or lr=1000 did) stop the run; no NaN model is written."""
+    train_data, val_data = _splits(bench, "train", "val")
+    real = train_module.build_training
+
+    def poisoned(*args, **kwargs):
+        model, *rest = real(*args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("inf"))
+        return (model, *rest)
+
+    monkeypatch.setattr(train_module, "build_training", poisoned)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(TrainingDivergedError, match="epoch 1, step 1"):
+        train(load_preset("demo", TINY | {"n_epoch": 2}), train_data, val_data, run, progress=False)
+    assert not run.weights_file.exists()
+
+
+@pytest.mark.slow
+def test_small_validation_is_ranked_against_distractors_and_selects_a_later_epoch(tmp_path):
+    """30 videos (4-5 in val): validation ranks val queries against val + train videos, so the score moves
+    and the selected epoch is not stuck at 1; the split-only gallery is reported as too small."""
+    synth = make_synthetic_benchmark(SyntheticConfig(n_videos=30, max_rows=32, seed=5))
+    store = FeatureStore(tmp_path / "store")
+    write_to_store(synth, store)
+    annotations = write_jsonl_annotations(synth, tmp_path / "annotations.jsonl")
+    cfg = load_preset("demo", TINY | {"n_epoch": 12, "hard_negative_start_epoch": 100})
+    request = TrainRequest(
+        config=cfg, store=str(tmp_path / "store"), annotations=str(annotations), run_dir=str(tmp_path / "run")
+    )
+    metrics = train_run(request, progress=False)
+    history = RunDir(tmp_path / "run").read_history()
+    n_val = len(synth.annotation_set().split("val").video_ids())
+    assert history[0]["val"]["gallery"] == "extended"
+    assert history[0]["val"]["n_videos"] == n_val + history[0]["val"]["n_distractors"] >= 25
+    assert len({(h["val"]["sumr"], h["val"]["meanr"]) for h in history}) > 3  # it discriminates epochs
+    assert metrics.training.best_epoch > 1
+    assert metrics.gallery == "extended" and metrics.n_videos >= 25

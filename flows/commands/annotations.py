@@ -1,13 +1,16 @@
-"""`mamfusion annotations FILE`: read an annotation file in any supported format and report what it holds."""
+"""`mamfusion annotations FILE`: read an annotation file in any supported format and report what it holds.
+
+User errors (a malformed line, an unreadable file) reach `flows.cli` as `MamFusionError`s: one line, exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 
 from storage.annotations import FORMATS, AnnotationError, AnnotationSet, read_annotations
+from storage.errors import MamFusionError
 
 HELP = (
     "read an annotation file (ActivityNet, Charades-STA, TVR, MS-SL, CSV/JSONL): queries, videos, bad lines"
@@ -20,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-malformed", action="store_true", help="list malformed lines as skipped instead of failing"
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="treat an invalid moment (start > end, negative, past the video) as a malformed line; by "
+        "default the caption is kept without it",
+    )
     parser.add_argument("--split", metavar="NAME", help="split name for queries whose file gives none")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -27,18 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         annotations = read_annotations(
-            args.file, args.format, skip_malformed=args.skip_malformed, split=args.split
+            args.file, args.format, skip_malformed=args.skip_malformed, split=args.split, strict=args.strict
         )
     except OSError as exc:
-        print(
-            f"mamfusion annotations: error: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr
-        )
-        return 1
+        raise MamFusionError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
     except AnnotationError as exc:
-        print(
-            f"mamfusion annotations: error: {exc} (use --skip-malformed to skip such lines)", file=sys.stderr
-        )
-        return 1
+        if not exc.skippable:
+            raise
+        hint = f"{exc.reason} (use --skip-malformed to skip such lines)"
+        raise AnnotationError(exc.path, exc.line, hint, skippable=True) from None
     if args.json:
         print(json.dumps(annotation_summary(args.file, annotations)))
     else:
@@ -51,7 +57,10 @@ def _named_splits(annotations: AnnotationSet) -> dict[str, int]:
 
 
 def annotation_summary(path: str, annotations: AnnotationSet) -> dict[str, object]:
-    """The --json object. `splits` counts queries per named split; queries without a split are not listed."""
+    """The --json object. `splits` counts queries per named split; queries without a split are not listed.
+
+    `moment_issues`: accepted queries whose moment was dropped or clipped (each reason says which).
+    """
     return {
         "path": path,
         "format": annotations.format,
@@ -59,6 +68,7 @@ def annotation_summary(path: str, annotations: AnnotationSet) -> dict[str, objec
         "videos": len(annotations.video_ids()),
         "splits": _named_splits(annotations),
         "skipped": [asdict(s) for s in annotations.skipped],
+        "moment_issues": [asdict(s) for s in annotations.moment_issues],
     }
 
 
@@ -70,6 +80,10 @@ def print_annotations(path: str, annotations: AnnotationSet) -> None:
     splits = _named_splits(annotations)
     if splits:
         print("splits: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
+    if annotations.moment_issues:
+        print(f"kept {len(annotations.moment_issues)} caption(s) whose moment was invalid:")
+        for s in annotations.moment_issues:
+            print(f"  {s.path}:{s.line}: {s.reason}")
     if annotations.skipped:
         print(f"skipped {len(annotations.skipped)} malformed line(s):")
         for s in annotations.skipped:

@@ -1,12 +1,16 @@
-"""`mamfusion catalog DIR`: list the videos in a folder, readable or not, and what changed since last time."""
+"""`mamfusion catalog DIR`: list the videos in a folder, readable or not, and what changed since last time.
+
+User errors (a missing folder, a damaged or foreign `--previous` file) reach `flows.cli` as `MamFusionError`s:
+one line, exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from storage.catalog import DEFAULT_PROBE_TIMEOUT, Catalog, CatalogError, ScanResult, VideoRecord, scan_videos
+from storage.catalog import DEFAULT_PROBE_TIMEOUT, Catalog, ScanResult, VideoRecord, scan_videos
+from storage.errors import MamFusionError
 
 HELP = "scan a video folder: ids, hashes, duration/fps/size, unreadable files with reasons, changes"
 
@@ -43,12 +47,14 @@ def _positive_seconds(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     try:
         previous = Catalog.load(args.previous) if args.previous else None
-        result = scan_videos(args.directory, previous, rehash=args.rehash, probe_timeout=args.probe_timeout)
-        if args.save:
+    except OSError as exc:
+        raise MamFusionError(f"cannot read {args.previous}: {exc.strerror or exc}") from exc
+    result = scan_videos(args.directory, previous, rehash=args.rehash, probe_timeout=args.probe_timeout)
+    if args.save:
+        try:
             result.catalog.save(args.save)
-    except (OSError, CatalogError) as exc:
-        print(f"mamfusion catalog: error: {exc}", file=sys.stderr)
-        return 1
+        except OSError as exc:
+            raise MamFusionError(f"cannot write {args.save}: {exc.strerror or exc}") from exc
     if args.json:
         print(json.dumps(scan_summary(result, with_changes=previous is not None)))
     else:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from storage.demo_corpus import generate_demo_corpus
+from storage.errors import MamFusionError
 
 HELP = "generate the seeded demo corpus: short synthetic videos + captioned events (annotations.csv)"
 
@@ -19,11 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    try:  # DemoCorpusError (folder in use, invalid size) goes to flows.cli: one line, exit 2
         corpus = generate_demo_corpus(args.out, n_videos=args.videos, seed=args.seed)
-    except ValueError as exc:  # DemoCorpusError (folder in use) or an invalid size (pydantic)
-        print(f"demo-corpus: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        raise MamFusionError(f"cannot write the demo corpus to {args.out}: {exc.strerror or exc}") from exc
     summary = {
         "out_dir": corpus.out_dir,
         "videos_dir": corpus.videos_dir,

@@ -1,24 +1,30 @@
 """`mamfusion extract`: visual features for a folder of videos (and token features for its captions) → store.
 
 The same functions the Prefect flow maps, run one after another without Prefect. Unreadable videos are listed
-as skipped with their reason; they do not fail the command.
+as skipped with their reason; they do not fail the command. Videos sampled at their own, lower, frame rate
+are listed under `notes`. User errors (bad --weights, missing files, a damaged store) reach `flows.cli` as
+`MamFusionError`s: one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from models.backbones import BACKBONES, WeightsNotFoundError
-from storage.annotations import FORMATS, AnnotationError, read_annotations
+from models.backbones import BACKBONES
+from storage.annotations import FORMATS, read_annotations
 from storage.catalog import scan_videos
-from storage.feature_store import FeatureStore, FeatureStoreError
+from storage.errors import MamFusionError
+from storage.feature_store import FeatureStore
 from tasks.extract import ExtractSummary, QuerySummary, extract_queries, extract_videos
 from tasks.profiles import PROFILE_NAMES, FeatureProfile, feature_profile, text_fingerprint
 
 HELP = "extract visual features for a video folder (and text features for an annotation file) into a store"
+
+
+class ExtractArgumentError(MamFusionError, ValueError):
+    """A command-line value that names something the profile does not have."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +55,7 @@ def build_profile(args: argparse.Namespace) -> FeatureProfile:
     weights = dict(_pair(item) for item in args.weights)
     unknown = set(weights) - {"text"} - {b.name for b in base.visual.backbones}
     if unknown:
-        raise ValueError(f"--weights names {sorted(unknown)} are not in the {args.profile} profile")
+        raise ExtractArgumentError(f"--weights names {sorted(unknown)} are not in the {args.profile} profile")
     backbones = [{**b.model_dump(), "weights": weights.get(b.name, b.weights)} for b in base.visual.backbones]
     return feature_profile(
         args.profile,
@@ -61,7 +67,7 @@ def build_profile(args: argparse.Namespace) -> FeatureProfile:
 def _pair(item: str) -> tuple[str, str]:
     name, sep, path = item.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--weights expects NAME=PATH, got {item!r}")
+        raise ExtractArgumentError(f"--weights expects NAME=PATH, got {item!r}")
     return name, path
 
 
@@ -79,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
         queries = (
             extract_queries([q.text for q in annotations.queries], profile, store) if annotations else None
         )
-    except (ValueError, OSError, AnnotationError, FeatureStoreError, WeightsNotFoundError) as exc:
-        print(f"mamfusion extract: error: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:
+        if isinstance(exc, MamFusionError):  # WeightsNotFoundError is a FileNotFoundError too
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise MamFusionError(f"{where}{exc.strerror or exc}") from exc
     summary = _summary(profile, store, videos, queries, annotations)
     if args.json:
         print(json.dumps(summary))
@@ -104,6 +112,7 @@ def _summary(
         "extracted": videos.extracted,
         "cached": videos.cached,
         "skipped": videos.skipped,
+        "notes": videos.notes,
         "frames_decoded": videos.stats.frames_decoded,
     }
     if queries is not None:
@@ -125,6 +134,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     for item in summary["skipped"]:
         print(f"  skipped {item['path']}: {item['reason']}")
+    for item in summary["notes"]:
+        print(f"  note {item['path']}: {item['note']}")
     queries = summary.get("queries")
     if queries:
         print(

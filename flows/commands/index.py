@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from storage.annotations import AnnotationError, read_annotations
-from storage.catalog import Catalog, CatalogError
-from storage.feature_store import FeatureStoreError
-from storage.index import SearchIndexError
+from storage.annotations import read_annotations
+from storage.catalog import Catalog
+from storage.registry import resolve_model_dir
 from tasks.search import build_index, default_index_url
 
 HELP = "build or update the search index of a trained model (only new videos are encoded)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="run directory (config.json, model.pt, features.json)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="version or run folder, a models folder or a pipeline output folder (then its current model)",
+    )
     parser.add_argument("--store", help="feature store path or URL (default: the one in features.json)")
     gallery = parser.add_mutually_exclusive_group(required=True)
     gallery.add_argument("--catalog", help="catalog JSON: index its readable videos, with their paths")
@@ -28,29 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.catalog:
-            gallery = {"catalog": Catalog.load(args.catalog)}
-        else:
-            ann = read_annotations(args.annotations, skip_malformed=True)
-            gallery = {"video_ids": (ann.split(args.split) if args.split else ann).video_ids()}
-        summary = build_index(
-            args.model,
-            args.store,
-            args.out or default_index_url(args.model),
-            dtype="float32" if args.fp32 else "float16",
-            **gallery,
-        )
-    except (
-        SearchIndexError,
-        CatalogError,
-        AnnotationError,
-        FeatureStoreError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        print(f"index: {e}", file=sys.stderr)
-        return 2
+    model = resolve_model_dir(args.model)
+    if args.catalog:
+        gallery = {"catalog": Catalog.load(args.catalog)}
+    else:
+        ann = read_annotations(args.annotations, skip_malformed=True)
+        gallery = {"video_ids": (ann.split(args.split) if args.split else ann).video_ids()}
+    summary = build_index(
+        model,
+        args.store,
+        args.out or default_index_url(model),
+        dtype="float32" if args.fp32 else "float16",
+        **gallery,
+    )
     if args.json:
         print(json.dumps(summary.to_dict()))
         return 0
@@ -60,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.kept} kept, {len(summary.skipped)} skipped{rebuilt}"
     )
     for item in summary.skipped:
-        print(f"  skipped {item['video_id']}: {item['reason']}")
+        print(f"  skipped {item.id}: {item.reason}")
     return 0

@@ -12,15 +12,22 @@ import sys
 
 from pydantic import ValidationError
 
-from flows.params import DEFAULT_ANNOTATIONS, DEFAULT_OUTPUT, DEFAULT_STORE, DEFAULT_VIDEOS, PipelineParams
+from flows.params import DEFAULT_OUTPUT, DEFAULT_STORE, DEFAULT_VIDEOS, PipelineParams
 from models.config import ConfigError, parse_overrides
+from storage.registry import RetrievalMetrics
+from tasks.metrics import format_metrics
 
 HELP = "run the whole pipeline (scan, extract, train, evaluate, publish, index) as a Prefect flow"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--videos", default=DEFAULT_VIDEOS, help=f"video folder (default {DEFAULT_VIDEOS})")
-    parser.add_argument("--annotations", default=DEFAULT_ANNOTATIONS, help="captions with splits")
+    parser.add_argument("--videos", help="video folder (scanned recursively)")
+    parser.add_argument("--annotations", help="captions with train/val[/test] splits")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"the bundled demo corpus ({DEFAULT_VIDEOS}, generated if missing)",
+    )
     parser.add_argument("--format", help="annotation format (detected when omitted)")
     parser.add_argument("--val-annotations", help="validation captions if the file has no val split")
     parser.add_argument("--profile", default="lite", help="feature profile: lite or paper")
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = PipelineParams(
+            demo=args.demo,
             videos=args.videos,
             annotations=args.annotations,
             annotation_format=args.format,
@@ -74,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
     elif result["status"] == "nothing-new":
         print(f"nothing new; current model {result['current']}")
     else:
-        m = result["metrics"]
-        print(f"{result['version']} ({'current' if result['promoted'] else 'candidate'}): {result['reason']}")
-        print(
-            f"{m['split']}: R@1 {m['r1']:.1f}  R@5 {m['r5']:.1f}  R@10 {m['r10']:.1f}  SumR {m['sumr']:.1f}"
-        )
+        print(format_metrics(RetrievalMetrics.model_validate(result["metrics"])))
+        if result["version"] is None:
+            print(f"no new version: {result['reason']}; current model {result['current']}")
+        else:
+            state_word = "current" if result["promoted"] else "candidate"
+            print(f"{result['version']} ({state_word}): {result['reason']}")
         print(f"report: {result['report']}")
     return 0

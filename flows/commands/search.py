@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
-from storage.feature_store import FeatureStoreError
-from storage.index import SearchIndexError
-from tasks.scan import KernelUnavailableError
-from tasks.search import ApproxConfig, Hit, QueryError, Searcher, default_index_url
+from storage.registry import resolve_model_dir
+from tasks.search import ApproxConfig, Hit, Searcher, default_index_url
 
 HELP = "search the index of a trained model with text queries (video, score and matching moment)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", nargs="+", help="query text (several queries are scored together)")
-    parser.add_argument("--model", required=True, help="run directory the index was built with")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="version folder, a models folder or a pipeline output folder (then its current model)",
+    )
     parser.add_argument("--index", help="index path or URL (default: <model>/index.zarr)")
-    parser.add_argument("--store", help="feature store holding the text extractor (default: features.json's)")
     parser.add_argument("--top-k", type=int, default=10, help="videos per query (default 10)")
     parser.add_argument(
         "--approximate", action="store_true", help="faiss first stage + exact re-scoring (very large indexes)"
@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernel",
         choices=("matmul", "fused", "auto"),
         default="auto",
-        help="scoring loop: fused reads fp16 indexes near memory speed (built with the C compiler on first "
-        "use); auto takes it where it builds (default auto)",
+        help="scoring loop: fused reads fp16 indexes near memory speed (a compiled extension built at "
+        "install time); auto takes it where it is installed (default auto)",
     )
     parser.add_argument("--json", action="store_true", help="print all results as one JSON object")
 
@@ -44,32 +44,22 @@ def format_hits(query: str, hits: list[Hit]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    index_url = args.index or default_index_url(args.model)
-    try:
-        searcher = Searcher.from_model_dir(
-            args.model,
-            index_url,
-            store_url=args.store,
-            kernel=args.kernel,
-            approximate=ApproxConfig() if args.approximate else None,
-        )
-        results = searcher.search(args.query, top_k=args.top_k)
-    except (
-        SearchIndexError,
-        QueryError,
-        FeatureStoreError,
-        KernelUnavailableError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        print(f"search: {e}", file=sys.stderr)
-        return 2
+    model = resolve_model_dir(args.model)
+    index_url = args.index or default_index_url(model)
+    searcher = Searcher.from_model_dir(
+        model,
+        index_url,
+        kernel=args.kernel,
+        approximate=ApproxConfig() if args.approximate else None,
+    )
+    results = searcher.search(args.query, top_k=args.top_k)
     if args.json:
         out = [
             {"query": q, "hits": [dataclasses.asdict(h) for h in hits]}
             for q, hits in zip(args.query, results, strict=True)
         ]
-        print(json.dumps({"model": args.model, "index": index_url, "results": out}))
+        print(json.dumps({"model": str(model.path), "index": index_url, "results": out}))
         return 0
+    print(f"model {model.path} ({searcher.scanner.index.count} indexed videos)\n")
     print("\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results, strict=True)))
     return 0

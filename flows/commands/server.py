@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
-from flows.server import LocalPrefect, LocalServerError, down, healthy, up
+from flows.server import LocalPrefect, LocalServerError, healthy, stop_started, up
 
 HELP = "start (up) or stop (down) a local Prefect server, work pool, deployments and worker"
 DEFAULT_HOME = "demo_out/prefect"
@@ -24,20 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """1 when a step failed or `down` refused to signal a process it could not verify as ours."""
+    refused: list[str] = []
     try:
         if args.action == "up":
             local = up(args.home, args.port)
             state = {"api_url": local.api_url, "started": local.started, "home": local.home}
         elif args.action == "down":
-            state = {"stopped": down(args.home)}
+            report = stop_started(args.home)
+            refused = report.refused
+            state = {"stopped": report.stopped, "refused": refused}
         else:
             local = LocalPrefect.load(args.home)
             state = (
-                {"running": False} if local is None else {**vars(local), "healthy": healthy(local.api_url)}
+                {"running": False} if local is None else {**asdict(local), "healthy": healthy(local.api_url)}
             )
     except LocalServerError as exc:
         print(f"server: {exc}", file=sys.stderr)
         return 1
+    for message in refused:  # on stderr in --json mode too: stdout stays one JSON object
+        print(f"server down: {message}", file=sys.stderr)
     if args.json:
         print(json.dumps(state))
     elif args.action == "up":
@@ -49,4 +56,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped: {', '.join(state['stopped']) or 'nothing'}")
     else:
         print(json.dumps(state, indent=2))
-    return 0
+    return 1 if refused else 0

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from models.config import ConfigError, load_preset, parse_overrides, preset_names
-from storage.annotations import FORMATS, AnnotationError
-from storage.feature_store import FeatureStoreError
-from tasks.data import DataError
+from models.config import load_preset, parse_overrides, preset_names
+from storage.annotations import FORMATS
 from tasks.metrics import format_metrics
-from tasks.train import train_run
+from tasks.train import TrainRequest, train_run
 
-HELP = "train MamFusion on features in the store, evaluate the best epoch and write a report"
+HELP = "train MamFusion on features in the store, evaluate the selected epoch and write a report"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help=f"recipe: {', '.join(preset_names())}")
-    parser.add_argument("--store", required=True, help="feature store path or URL")
+    parser.add_argument("--store", required=True, help="feature store path or URL (opened read-only)")
     parser.add_argument("--annotations", required=True, help="annotation file (with train/val[/test] splits)")
     parser.add_argument(
         "--val-annotations", help="validation captions when --annotations holds no 'val' split"
@@ -32,32 +29,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--visual-fingerprint", help="visual extractor to use (needed if the store has several)"
     )
     parser.add_argument("--text-fingerprint", help="text extractor to use (needed if the store has several)")
-    parser.add_argument("--out", required=True, help="run directory (an existing one resumes)")
+    parser.add_argument(
+        "--out", required=True, help="run directory (an existing one resumes; a changed config is refused)"
+    )
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.pt and start over")
     parser.add_argument("--json", action="store_true", help="print the test metrics as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_preset(args.preset, parse_overrides(args.set))
-        metrics = train_run(
-            cfg,
-            args.store,
-            args.annotations,
-            args.out,
-            val_annotations=args.val_annotations,
-            annotation_format=args.format,
-            visual_fp=args.visual_fingerprint,
-            text_fp=args.text_fingerprint,
-            resume=not args.no_resume,
-            progress=sys.stderr.isatty(),
-        )
-    except (ConfigError, DataError, AnnotationError, FeatureStoreError, FileNotFoundError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
+    request = TrainRequest(
+        config=load_preset(args.preset, parse_overrides(args.set)),
+        store=args.store,
+        annotations=args.annotations,
+        run_dir=args.out,
+        val_annotations=args.val_annotations,
+        annotation_format=args.format,
+        visual_fingerprint=args.visual_fingerprint,
+        text_fingerprint=args.text_fingerprint,
+        resume=not args.no_resume,
+    )
+    metrics = train_run(request, progress=sys.stderr.isatty())
     if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(f"{metrics['split']}: {format_metrics(metrics)}  (best epoch {metrics['best_epoch']})")
-        print(f"report: {Path(args.out) / 'report.md'}")
+        print(metrics.model_dump_json())
+        return 0
+    print(format_metrics(metrics))
+    print(f"selected epoch {metrics.training.best_epoch} of {metrics.training.epochs_run}")
+    for warning in metrics.training.warnings:
+        print(f"warning: {warning}")
+    print(f"report: {Path(args.out) / 'report.md'}")
     return 0
