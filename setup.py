@@ -15,6 +15,13 @@ setup(
             sources=["tasks/_scan_fp16.c"],
             extra_compile_args=["-O3"],
             optional=True,
-        )
+        ),
+        Extension(
+            "models._selective_scan",
+            sources=["models/_selective_scan.c"],
+            depends=["models/_selective_scan_kernel.h"],
+            extra_compile_args=["-O3", "-Wno-psabi"],
+            optional=True,
+        ),
     ]
 )

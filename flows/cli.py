@@ -11,10 +11,12 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from storage.errors import MamFusionError
+from flows.logs import VERBOSE_ENV, quiet
+from storage.errors import MamFusionError, clean_reason
 
 USER_ERROR = 2  # exit code of every command for bad input, missing files, damaged stores, invalid config
 
@@ -29,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "index": "index",
     "search": "search",
+    "serve": "serve",
     "pipeline": "pipeline",
     "server": "server",
     "store": "store",
@@ -60,6 +63,9 @@ def build_parser(commands: dict[str, str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # argv bytes that are not UTF-8 must not crash a message
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     commands = _available()
     # Import only the chosen command's module when we can tell which one it is.
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -69,17 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet(args.verbose)
     try:
         return int(args._module.run(args) or 0)
     except MamFusionError as exc:  # a user error: one line, no traceback (bugs keep theirs)
-        print(f"{args.command}: {clean_message(exc)}", file=sys.stderr)
+        print(f"{args.command}: {clean_reason(str(exc))}", file=sys.stderr)
         return USER_ERROR
-
-
-def clean_message(exc: BaseException) -> str:
-    """The error's message on one line, without control characters (decoder logs carry NULs)."""
-    text = "".join(c if c.isprintable() else " " for c in str(exc).replace("\n", " "))
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.logs import quiet
 from flows.params import DEMO_ROOT, PipelineParams
 from storage.catalog import sha256_file, write_text_atomic
 from storage.errors import MamFusionError
@@ -145,10 +146,14 @@ class PipelineData:
     gallery: tuple[str, ...] = ()  # every usable catalogued video, distractors for small test galleries
     extracted: tuple[str, ...] = ()
     cached: tuple[str, ...] = ()
+    notes: tuple[
+        Skipped, ...
+    ] = ()  # used, but worth a look: low-fps videos, captions whose moment was dropped
 
 
 def run_pipeline(params: PipelineParams, *, only_if_new: bool) -> dict[str, Any]:
     """The pipeline body shared by both flows (runs inside a flow run)."""
+    quiet()  # in a worker's flow-run process too
     log = get_run_logger()
     params = params.resolved()
     layout = Layout(Path(params.output))
@@ -213,7 +218,7 @@ def run_pipeline(params: PipelineParams, *, only_if_new: bool) -> dict[str, Any]
             )
         _accept_baseline(layout, digests)
     model = registry.model(outcome.version or outcome.current)
-    _artifacts(outcome, model, challenger, data.skipped)
+    _artifacts(outcome, model, challenger, data.skipped, list(data.notes))
     return {
         "status": "published" if outcome.published else "unchanged",
         "version": outcome.version,
@@ -226,6 +231,7 @@ def run_pipeline(params: PipelineParams, *, only_if_new: bool) -> dict[str, Any]
         "extracted": list(data.extracted),
         "cached": list(data.cached),
         "skipped": [s.model_dump() for s in data.skipped],
+        "notes": [n.model_dump() for n in data.notes],
         "index": None if index is None else index.to_dict(),
     }
 
@@ -279,6 +285,8 @@ def _extract(
     )
     done: dict[str, list[str]] = {"extracted": [], "cached": []}
     usable: dict[str, str] = {}
+    notes: list[Skipped] = []
+    milestones = {1, len(videos), *(round(len(videos) * i / 10) for i in range(1, 10))}
     outcomes = _bounded(
         stored_under(extract_video_task, layout.results),
         videos,
@@ -294,10 +302,22 @@ def _extract(
                 status = "cached" if state.name == "Cached" else outcome.status
                 done[status].append(video["video_id"])
                 usable[video["video_id"]] = video["sha256"]
+                if outcome.note:
+                    notes.append(Skipped(kind="note", id=video["path"], reason=outcome.note))
         else:
             reason = f"failed after retries: {state.message}"
             skipped.append(Skipped(kind="video", id=video["path"], reason=reason))
         update_progress_artifact(progress, 100.0 * n / len(videos))
+        if n in milestones:  # about ten lines whatever the folder size, each naming where it is
+            log.info(
+                "extraction %d/%d videos: %d extracted, %d cached, %d skipped (last: %s)",
+                n,
+                len(videos),
+                len(done["extracted"]),
+                len(done["cached"]),
+                len(skipped) - len(scan.skipped),
+                video["video_id"],
+            )
     log.info("videos: %d extracted, %d cached, %d skipped", *map(len, (*done.values(), skipped)))
     if not usable:
         raise NoUsableVideosError(_no_usable_message(params.videos, skipped))
@@ -327,6 +347,7 @@ def _extract(
         gallery=tuple(sorted(usable)),
         extracted=tuple(done["extracted"]),
         cached=tuple(done["cached"]),
+        notes=(*notes, *text.notes),
     )
 
 
@@ -420,7 +441,11 @@ def _inline_plots(markdown: str, base: Path) -> str:
 
 
 def _artifacts(
-    outcome: PublishOutcome, model: ModelDir, challenger: RetrievalMetrics, skipped: list[Skipped]
+    outcome: PublishOutcome,
+    model: ModelDir,
+    challenger: RetrievalMetrics,
+    skipped: list[Skipped],
+    notes: list[Skipped],
 ) -> None:
     """Metrics table (with gallery and chance), the report (plots inline), skipped items, the model link."""
     rows = [
@@ -446,6 +471,12 @@ def _artifacts(
         key="mamfusion-skipped",
         description=f"{len(skipped)} skipped item(s) and why",
     )
+    if notes:
+        create_table_artifact(
+            [n.model_dump() for n in notes],
+            key="mamfusion-notes",
+            description=f"{len(notes)} item(s) used with a caveat (low frame rate, moment dropped)",
+        )
     state = "current" if outcome.current == model.version else "candidate"
     create_link_artifact(
         model.path.as_uri(), link_text=f"model {model.version} ({state})", key="mamfusion-model"

@@ -154,6 +154,8 @@ def prefect_env(home: str | Path, api_url: str) -> dict[str, str]:
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # flow runs of our worker always ship their logs: the per-epoch lines must reach the UI
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
         "MAMFUSION_REPO": str(REPO),
     }
 

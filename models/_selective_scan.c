@@ -30,197 +30,69 @@
 #include <string.h>
 
 #if defined(__x86_64__)
+#include <immintrin.h>
 #define HAVE_X86_PATHS 1
 #endif
 
-#pragma GCC diagnostic ignored "-Wpsabi" /* vectors wider than the baseline ISA only live inside inlined code */
-
-#define LANES 16
+#define LANES 16 /* channels per item on the widest path; d_inner must be a multiple of it */
 #define MAX_STATE 64
 #define LOG2E 1.4426950408889634f
-
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE vf vload(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-INLINE void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-INLINE vf vsplat(float x) { return (vf){0} + x; }
-INLINE vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-
-/* 2^x for every lane, branch-free: x = n + f with n integer and |f| <= 1/2, 2^f by its Taylor polynomial
- * (relative error < 2e-7, and exact to rounding near f = 0 where decays close to 1 compound over many steps),
- * 2^n by building the exponent bits. x <= -127 gives 0 and x >= 128 gives inf, as exp2f would (up to
- * subnormals, which are flushed to 0). */
-INLINE vf vexp2(vf x) {
-    x = vselect(x > vsplat(-127.0f), x, vsplat(-127.0f));
-    x = vselect(x < vsplat(128.0f), x, vsplat(128.0f));
-    const vf magic = vsplat(12582912.0f); /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    vf r = (x + magic) - magic;
-    vf f = x - r;
-    vf p = vsplat(1.5252734e-05f);
-    p = p * f + 1.5403530e-04f;
-    p = p * f + 1.3333558e-03f;
-    p = p * f + 9.6181291e-03f;
-    p = p * f + 5.5504109e-02f;
-    p = p * f + 2.4022651e-01f;
-    p = p * f + 6.9314718e-01f;
-    p = p * f + 1.0f;
-    vi bits = (__builtin_convertvector(r, vi) + 127) << 23;
-    return p * (vf)bits;
-}
-
-INLINE vf vsigmoid(vf x) { return vsplat(1.0f) / (vsplat(1.0f) + vexp2(x * -LOG2E)); }
 
 struct scan_args {
     const float *u, *dt, *A, *B, *C, *D, *z, *gy; /* inputs; z may be NULL; gy only for the backward */
     float *y, *states;                            /* forward outputs; states may be NULL (no backward) */
     float *gu, *gdt, *gz, *gA, *gD, *gB, *gC;     /* backward outputs; gz NULL iff z is */
     int64_t b, L, d, n, chunk;
-    int64_t i0, i1, g0, g1; /* this call's items: batch rows [i0, i1) x channel groups [g0, g1) */
-    vf *scratch;            /* backward: (chunk + 1) * n state vectors, chunk * n decays, chunk gy vectors */
+    int64_t i0, i1, c0, c1; /* this call's items: batch rows [i0, i1) x channels [c0, c1) */
 };
 
-/* One item's forward. ns is a compile-time constant for the common d_state (16), so the state loop unrolls
- * and the states stay in registers; otherwise it is a loop over an array in L1. */
-INLINE void forward_item(const struct scan_args *a, int64_t i, int64_t c0, const int ns) {
-    const int64_t L = a->L, d = a->d, chunk = a->chunk, n_chunks = (L + chunk - 1) / chunk;
-    vf A2[MAX_STATE], h[MAX_STATE];
-    for (int s = 0; s < ns; s++) {
-        A2[s] = vload(a->A + s * d + c0) * LOG2E;
-        h[s] = vsplat(0.0f);
-    }
-    const vf D = vload(a->D + c0);
-    for (int64_t t = 0; t < L; t++) {
-        if (a->states && t % chunk == 0) {
-            float *out = a->states + (i * n_chunks + t / chunk) * ns * d + c0;
-            for (int s = 0; s < ns; s++) vstore(out + s * d, h[s]);
-        }
-        const int64_t row = i * L + t;
-        const vf dt = vload(a->dt + row * d + c0), u = vload(a->u + row * d + c0), du = dt * u;
-        const float *B = a->B + row * ns, *C = a->C + row * ns;
-        vf y = D * u;
-        for (int s = 0; s < ns; s++) {
-            h[s] = vexp2(dt * A2[s]) * h[s] + du * B[s];
-            y += h[s] * C[s];
-        }
-        if (a->z) {
-            const vf z = vload(a->z + row * d + c0);
-            y *= z * vsigmoid(z);
-        }
-        vstore(a->y + row * d + c0, y);
-    }
-}
+#define W 4
+#define SUFFIX portable
+#define TARGET
+#include "_selective_scan_kernel.h" /* without VMAX / VMIN: it defines portable ones */
+#undef W
+#undef SUFFIX
+#undef TARGET
 
-/* One item's backward, chunk by chunk from the last. */
-INLINE void backward_item(const struct scan_args *a, int64_t i, int64_t c0, const int ns) {
-    const int64_t L = a->L, d = a->d, chunk = a->chunk, n_chunks = (L + chunk - 1) / chunk;
-    vf *hs = a->scratch, *decays = hs + (chunk + 1) * ns, *gys = decays + chunk * ns;
-    vf A[MAX_STATE], A2[MAX_STATE], carry[MAX_STATE], gA[MAX_STATE];
-    for (int s = 0; s < ns; s++) {
-        A[s] = vload(a->A + s * d + c0);
-        A2[s] = A[s] * LOG2E;
-        carry[s] = gA[s] = vsplat(0.0f);
-    }
-    const vf D = vload(a->D + c0);
-    vf gD = vsplat(0.0f);
-    for (int64_t c = n_chunks - 1; c >= 0; c--) {
-        const int64_t t0 = c * chunk, len = L - t0 < chunk ? L - t0 : chunk;
-        const float *start = a->states + (i * n_chunks + c) * ns * d + c0;
-        for (int s = 0; s < ns; s++) hs[s] = vload(start + s * d);
-        /* re-run the chunk: hs[j + 1] = state after its step j, decays[j] = exp(dt A) of step j */
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t row = i * L + t0 + j;
-            const vf dt = vload(a->dt + row * d + c0), u = vload(a->u + row * d + c0), du = dt * u;
-            const float *B = a->B + row * ns, *C = a->C + row * ns;
-            const vf *h = hs + j * ns;
-            vf *next = hs + (j + 1) * ns, *decay = decays + j * ns, y = D * u;
-            for (int s = 0; s < ns; s++) {
-                decay[s] = vexp2(dt * A2[s]);
-                next[s] = decay[s] * h[s] + du * B[s];
-                y += next[s] * C[s];
-            }
-            vf gy = vload(a->gy + row * d + c0);
-            if (a->z) { /* out = y * z * sig(z): d/dy = z sig, d/dz = y sig (1 + z (1 - sig)) */
-                const vf z = vload(a->z + row * d + c0), sig = vsigmoid(z);
-                vstore(a->gz + row * d + c0, gy * y * sig * (1.0f + z * (1.0f - sig)));
-                gy *= z * sig;
-            }
-            gys[j] = gy;
-        }
-        /* adjoint: g_t = C_t gy_t + exp(dt_{t+1} A) g_{t+1}, where `carry` holds the second term */
-        for (int64_t j = len - 1; j >= 0; j--) {
-            const int64_t row = i * L + t0 + j;
-            const vf dt = vload(a->dt + row * d + c0), u = vload(a->u + row * d + c0), du = dt * u, gy = gys[j];
-            const float *B = a->B + row * ns, *C = a->C + row * ns;
-            float *gB = a->gB + row * ns * LANES, *gC = a->gC + row * ns * LANES;
-            const vf *h = hs + j * ns, *next = hs + (j + 1) * ns, *decay = decays + j * ns;
-            vf gdu = vsplat(0.0f), gdt = vsplat(0.0f);
-            for (int s = 0; s < ns; s++) {
-                const vf g = carry[s] + gy * C[s];
-                vstore(gC + s * LANES, vload(gC + s * LANES) + gy * next[s]);
-                vstore(gB + s * LANES, vload(gB + s * LANES) + g * du);
-                gdu += g * B[s];
-                const vf m = g * decay[s] * h[s]; /* dLoss / d(dt A) */
-                gdt += m * A[s];
-                gA[s] += m * dt;
-                carry[s] = decay[s] * g;
-            }
-            vstore(a->gdt + row * d + c0, gdt + gdu * u);
-            vstore(a->gu + row * d + c0, gdu * dt + gy * D);
-            gD += gy * u;
-        }
-    }
-    for (int s = 0; s < ns; s++) vstore(a->gA + s * d + c0, vload(a->gA + s * d + c0) + gA[s]);
-    vstore(a->gD + c0, vload(a->gD + c0) + gD);
-}
-
-/* The loops shared by all paths, always inlined into each path's entry point so that every path is one
- * function compiled for its own instruction set. */
-INLINE void run_items(const struct scan_args *a, int backward) {
-    for (int64_t i = a->i0; i < a->i1; i++)
-        for (int64_t g = a->g0; g < a->g1; g++) {
-            if (backward) {
-                if (a->n == 16)
-                    backward_item(a, i, g * LANES, 16);
-                else
-                    backward_item(a, i, g * LANES, (int)a->n);
-            } else {
-                if (a->n == 16)
-                    forward_item(a, i, g * LANES, 16);
-                else
-                    forward_item(a, i, g * LANES, (int)a->n);
-            }
-        }
-}
-
-static void run_portable(const struct scan_args *a, int backward) { run_items(a, backward); }
 #ifdef HAVE_X86_PATHS
-__attribute__((target("avx512f"))) static void run_avx512(const struct scan_args *a, int backward) {
-    run_items(a, backward);
-}
-__attribute__((target("avx2,fma"))) static void run_avx2(const struct scan_args *a, int backward) {
-    run_items(a, backward);
-}
+#define W 8
+#define SUFFIX avx2
+#define TARGET __attribute__((target("avx2,fma")))
+#define VMAX(x, b) _mm256_max_ps(x, b)
+#define VMIN(x, b) _mm256_min_ps(x, b)
+#include "_selective_scan_kernel.h"
+#undef W
+#undef SUFFIX
+#undef TARGET
+#undef VMAX
+#undef VMIN
+
+#define W 16
+#define SUFFIX avx512
+#define TARGET __attribute__((target("avx512f")))
+#define VMAX(x, b) _mm512_max_ps(x, b)
+#define VMIN(x, b) _mm512_min_ps(x, b)
+#include "_selective_scan_kernel.h"
+#undef W
+#undef SUFFIX
+#undef TARGET
+#undef VMAX
+#undef VMIN
 #endif
 
 struct path {
     const char *name;
-    void (*run)(const struct scan_args *, int);
-    int supported; /* set once at import from the CPU's feature bits */
+    void (*forward)(const struct scan_args *);
+    int (*backward)(const struct scan_args *); /* 0, or -1 when out of memory */
+    int supported;                             /* set once at import from the CPU's feature bits */
 };
 
 static struct path paths[] = { /* best first */
 #ifdef HAVE_X86_PATHS
-    {"avx512", run_avx512, 0},
-    {"avx2", run_avx2, 0},
+    {"avx512", forward_avx512, backward_avx512, 0},
+    {"avx2", forward_avx2, backward_avx2, 0},
 #endif
-    {"portable", run_portable, 1},
+    {"portable", forward_portable, backward_portable, 1},
 };
 #define N_PATHS ((Py_ssize_t)(sizeof paths / sizeof paths[0]))
 
@@ -300,7 +172,7 @@ static const struct path *find_path(const char *name) {
 /* Shapes and item ranges, shared by forward and backward. */
 static int check_dims(struct scan_args *a, long long dims[4], long long items[4], long long chunk) {
     a->b = dims[0], a->L = dims[1], a->d = dims[2], a->n = dims[3], a->chunk = chunk;
-    a->i0 = items[0], a->i1 = items[1], a->g0 = items[2], a->g1 = items[3];
+    a->i0 = items[0], a->i1 = items[1], a->c0 = items[2] * LANES, a->c1 = items[3] * LANES;
     if (a->b < 1 || a->L < 1 || a->d < 1 || a->n < 1 || chunk < 1) {
         PyErr_SetString(PyExc_ValueError, "batch, length, d_inner, d_state and chunk must be positive");
         return -1;
@@ -310,7 +182,7 @@ static int check_dims(struct scan_args *a, long long dims[4], long long items[4]
                      MAX_STATE);
         return -1;
     }
-    if (a->i0 < 0 || a->i0 > a->i1 || a->i1 > a->b || a->g0 < 0 || a->g0 > a->g1 || a->g1 > a->d / LANES) {
+    if (a->i0 < 0 || a->i0 > a->i1 || a->i1 > a->b || a->c0 < 0 || a->c0 > a->c1 || a->c1 > a->d) {
         PyErr_SetString(PyExc_ValueError, "item range out of bounds");
         return -1;
     }
@@ -350,7 +222,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     a.u = p[0], a.dt = p[1], a.A = p[2], a.B = p[3], a.C = p[4], a.D = p[5], a.z = p[6];
     a.y = p[7], a.states = p[8];
     Py_BEGIN_ALLOW_THREADS
-    path->run(&a, 0);
+    path->forward(&a);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -362,8 +234,8 @@ PyDoc_STRVAR(backward_doc,
              "backward(u, dt, A, B, C, D, z, gy, states, gu, gdt, gz, gA, gD, gB, gC, dims, items, chunk, "
              "path)\n--\n\n"
              "Gradients for `forward`'s items, given its inputs, its states and the output gradient gy\n"
-             "(b*L*d). Writes gu, gdt, gz (None iff z is): b*L*d; adds to gA: n*d, gD: d and to the per-lane\n"
-             "sums gB, gC: b*L*n*16. Releases the GIL.");
+             "(b*L*d). Writes gu, gdt, gz (None iff z is): b*L*d, for the items; adds their share of gA: n*d,\n"
+             "gD: d, gB, gC: b*L*n. Releases the GIL.");
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
@@ -387,7 +259,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     static const char *names[16] = {"u", "dt", "A", "B", "C", "D", "z", "gy",
                                     "states", "gu", "gdt", "gz", "gA", "gD", "gB", "gC"};
     const int64_t counts[16] = {bld, bld, a.n * a.d, bln, bln, a.d, bld, bld,
-                                n_states, bld, bld, bld, a.n * a.d, a.d, bln * LANES, bln * LANES};
+                                n_states, bld, bld, bld, a.n * a.d, a.d, bln, bln};
     struct buffers bufs = {.held = 0};
     PyObject *result = NULL;
     float *p[16];
@@ -396,18 +268,14 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     a.u = p[0], a.dt = p[1], a.A = p[2], a.B = p[3], a.C = p[4], a.D = p[5], a.z = p[6], a.gy = p[7];
     a.states = p[8], a.gu = p[9], a.gdt = p[10], a.gz = p[11], a.gA = p[12], a.gD = p[13];
     a.gB = p[14], a.gC = p[15];
-    /* 64-byte aligned, as the vector type wants */
-    size_t bytes = (size_t)((chunk + 1) * a.n + chunk * a.n + chunk) * sizeof(vf);
-    void *scratch = NULL;
-    if (posix_memalign(&scratch, 64, bytes) != 0) {
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = path->backward(&a);
+    Py_END_ALLOW_THREADS
+    if (failed) {
         PyErr_NoMemory();
         goto done;
     }
-    a.scratch = scratch;
-    Py_BEGIN_ALLOW_THREADS
-    path->run(&a, 1);
-    Py_END_ALLOW_THREADS
-    free(scratch);
     result = Py_NewRef(Py_None);
 done:
     release(&bufs);

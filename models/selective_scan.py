@@ -7,18 +7,53 @@ steps, not L small ones); a loop over the L/K chunks carries the chunk-boundary 
 decay is exp(A * the sum of its deltas), at most 1). Decays are only ever multiplied,
 never divided, so nothing overflows (strong decays underflow to 0, which is exact enough). The backward
 recomputes states per row group instead of keeping the (batch, L, d_state, d_inner) tensors autograd would.
+
+Where the install built it, a compiled kernel (`models._selective_scan`, `_selective_scan.c`) does the same
+scan fused: sequential over L per (batch row, 16 channels), states in registers, SIMD across channels, the
+backward re-running the forward per chunk from stored chunk-boundary states. `selective_scan(impl="auto")`
+uses it for fp32-or-narrower CPU inputs; the chunked scan stays the fallback (CUDA tensors, fp64, no
+compiler at install time) and, with the sequential scan, the reference the kernel is tested against. The
+kernel is loaded from this package's directory only, nothing is compiled at run time, and it picks its
+vector path (AVX-512, AVX2 + FMA, portable C) from the CPU at run time, as tasks/scan.py's search kernel does.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from storage.errors import MamFusionError
+
+log = logging.getLogger(__name__)
+
+Impl = Literal["auto", "torch", "compiled"]
+IMPLS: tuple[Impl, ...] = ("auto", "torch", "compiled")
 DEFAULT_CHUNK = 16  # K: best, or within noise of it, for L = 32..1024 (bench_selective_scan.py sweep)
 _GROUP_ELEMENTS = 1 << 19  # rows per group: each op touches ~this many elements (amortises Python, fits L3)
 _LOG2E = 1.4426950408889634
+
+EXTENSION = "models._selective_scan"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PATHS = ("avx512", "avx2", "portable")  # every path the kernel has, best first (x86 has all three)
+PATH_ENV = "MAMFUSION_SCAN_PATH"  # forces one of PATHS
+LANES = 16  # channels per kernel item (the C module's LANES); d_inner is zero-padded to a multiple
+MAX_STATE = 64  # largest d_state the kernel takes (its MAX_STATE)
+KERNEL_CHUNK = 32  # steps between the states the kernel's forward keeps for its backward
+MIN_STEPS_PER_THREAD = 4096  # item-steps (16 channels x d_state states each) worth a thread's hand-off
+INSTALL_HINT = "reinstall mamfusion where a C compiler works (`pip install -e .`) to build it"
 
 
 def _work_dtype(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
@@ -211,6 +246,297 @@ def _backward_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, Tensor, Tens
     return acc_A.sum(0)
 
 
+class CompiledScanUnavailableError(MamFusionError, RuntimeError):
+    """The compiled scan was asked for but cannot run here (not built at install, path or input unsupported)."""
+
+
+def _import_extension() -> ModuleType:
+    """The compiled module, loaded from its file in this package's directory, where the install built it - not
+    through the import system, whose other finders (an editable install's among them) may resolve the name
+    elsewhere, and never from a cache or temp dir."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        file = PACKAGE_DIR / f"{EXTENSION.rpartition('.')[2]}{suffix}"
+        if file.is_file():
+            loader = importlib.machinery.ExtensionFileLoader(EXTENSION, str(file))
+            spec = importlib.util.spec_from_file_location(EXTENSION, file, loader=loader)
+            if spec is None:  # never with an explicit loader; satisfies the type checker
+                raise ImportError(f"cannot load {file}")
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+            return module
+    raise ImportError(f"no {EXTENSION} module file in {PACKAGE_DIR}")
+
+
+@functools.cache
+def _extension() -> ModuleType | CompiledScanUnavailableError:
+    """The compiled module, or why it cannot be used (remembered: the install does not change while the
+    process runs)."""
+    try:
+        ext = _import_extension()
+    except ImportError as e:
+        return CompiledScanUnavailableError(
+            f"the compiled selective scan ({EXTENSION}) is not part of this installation ({e}); {INSTALL_HINT}"
+        )
+    if (ext.LANES, ext.MAX_STATE) != (LANES, MAX_STATE):
+        return CompiledScanUnavailableError(f"{EXTENSION} is from another version of mamfusion; {INSTALL_HINT}")
+    return ext
+
+
+def compiled_paths() -> tuple[str, ...]:
+    """The compiled scan's code paths this CPU can run, best first (empty without the extension)."""
+    ext = _extension()
+    return () if isinstance(ext, CompiledScanUnavailableError) else tuple(ext.paths())
+
+
+def compiled_path() -> str:
+    """The path the compiled scan runs: `$MAMFUSION_SCAN_PATH` where set (to compare paths, or to pin one
+    across machines), else the best this CPU supports."""
+    ext = _extension()
+    if isinstance(ext, CompiledScanUnavailableError):
+        raise ext
+    supported, forced = compiled_paths(), os.environ.get(PATH_ENV)
+    if not forced:
+        return supported[0]
+    if forced not in supported:
+        why = "not supported by this CPU" if forced in PATHS else "unknown"
+        raise CompiledScanUnavailableError(
+            f"{PATH_ENV}={forced}: that selective scan path is {why} (here: {', '.join(supported)})"
+        )
+    return forced
+
+
+@functools.cache
+def _self_check(path: str) -> CompiledScanUnavailableError | None:
+    """Run `path` once, forward and backward, on a probe against the chunked scan: a miscompiled or
+    mis-dispatched kernel must never train or encode anything."""
+    # d = 21 pads to two channel groups, d_state 5 takes the generic state loop, L = 37 spans three
+    # chunks of 16, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 21, 5, 37
+    shapes = {"u": (b, d, length), "delta": (b, d, length), "A": (d, n), "B": (b, n, length)}
+    shapes |= {"C": (b, n, length), "D": (d,), "z": (b, d, length), "delta_bias": (d,)}
+    probe = {k: torch.randn(*v, generator=gen, dtype=torch.float64) for k, v in shapes.items()}
+    probe["A"] = -probe["A"].exp()
+    gy = torch.randn(b, d, length, generator=gen, dtype=torch.float64)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for run_path in (path, None):
+            inputs = {k: v.float().requires_grad_() for k, v in probe.items()}
+            if run_path is None:
+                y = selective_scan(**inputs, delta_softplus=True, impl="torch")
+            else:
+                y = _compiled_scan(**inputs, delta_softplus=True, path=run_path, chunk=16)
+            results.append([y.detach(), *torch.autograd.grad(y, list(inputs.values()), gy.float())])
+    for got, want in zip(*results, strict=True):
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
+            return CompiledScanUnavailableError(f"the compiled selective scan's {path} path is wrong here")
+    log.debug("compiled selective scan: %s path", path)
+    return None
+
+
+def _loaded() -> ModuleType:
+    """The extension module, for code that only runs once `_kernel` has vetted it."""
+    ext = _extension()
+    if isinstance(ext, CompiledScanUnavailableError):
+        raise ext
+    return ext
+
+
+def _kernel(path: str | None = None) -> tuple[ModuleType, str]:
+    """The extension and `path` (default: `compiled_path()`) once that path has passed its self-check; else
+    CompiledScanUnavailableError saying why not."""
+    ext = _extension()
+    if isinstance(ext, CompiledScanUnavailableError):
+        raise ext
+    path = path or compiled_path()
+    if path not in compiled_paths():
+        raise CompiledScanUnavailableError(
+            f"selective scan path {path!r} is not available on this CPU (here: {', '.join(compiled_paths())})"
+        )
+    problem = _self_check(path)
+    if problem is not None:
+        raise problem
+    return ext, path
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mamfusion-selective-scan")
+
+
+def _grid(b: int, groups: int, length: int) -> tuple[int, int]:
+    """Workers as (batch parts, channel-group parts): torch's intra-op thread count, fewer for small scans.
+
+    Batch rows are split first (no two workers then add into the same dB / dC rows); channel groups only
+    when there are more threads than rows.
+    """
+    work = b * groups * length
+    workers = max(1, min(torch.get_num_threads(), work // MIN_STEPS_PER_THREAD))
+    batch_parts = min(b, workers)
+    return batch_parts, max(1, min(groups, workers // batch_parts))
+
+
+def _cuts(total: int, parts: int) -> list[tuple[int, int]]:
+    return [(total * p // parts, total * (p + 1) // parts) for p in range(parts)]
+
+
+def _run_parts(parts: list[tuple[int, ...]], call: Callable[..., None]) -> None:
+    """`call(*part)` for every worker's part, in parallel (the module releases the GIL while it scans)."""
+    if len(parts) == 1:
+        call(*parts[0])
+        return
+    for _ in _pool(len(parts)).map(lambda p: call(*p), parts):
+        pass
+
+
+class _CompiledScan(torch.autograd.Function):
+    """The compiled kernel as an autograd Function, on kernel-layout tensors (see `_compiled_scan`):
+    u, dt, z: (b, L, d) with d a multiple of LANES; A: (n, d); B, C: (b, L, n); D: (d,); all fp32 contiguous."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        u: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        z: Tensor | None,
+        chunk: int,
+        path: str,
+    ) -> Tensor:
+        ext = _loaded()
+        b, length, d = u.shape
+        n = A.shape[0]
+        keep = any(ctx.needs_input_grad[:7])  # inference keeps no states
+        states = u.new_empty(b, -(-length // chunk), n, d) if keep else None
+        y = torch.empty_like(u)
+        arrays = [t.detach().numpy() for t in (u, dt, A, B, C, D)]
+        z_np, states_np = (None if t is None else t.detach().numpy() for t in (z, states))
+        batch_parts, group_parts = _grid(b, d // LANES, length)
+        parts = [
+            (*rows, *groups)
+            for rows in _cuts(b, batch_parts)
+            for groups in _cuts(d // LANES, group_parts)
+        ]
+
+        def call(i0: int, i1: int, g0: int, g1: int) -> None:
+            ext.forward(*arrays, z_np, y.numpy(), states_np, (b, length, d, n), (i0, i1, g0, g1), chunk, path)
+
+        _run_parts(parts, call)
+        ctx.save_for_backward(u, dt, A, B, C, D, z, states)
+        ctx.chunk, ctx.path = chunk, path
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        u, dt, A, B, C, D, z, states = ctx.saved_tensors
+        ext = _loaded()
+        b, length, d = u.shape
+        n = A.shape[0]
+        gy = gy.to(torch.float32).contiguous()
+        gu, gdt = torch.empty_like(u), torch.empty_like(u)
+        gz = None if z is None else torch.empty_like(z)
+        batch_parts, group_parts = _grid(b, d // LANES, length)
+        # each batch part sums dA, dD over its rows, each channel part dB, dC over its channels
+        gA, gD = A.new_zeros(batch_parts, n, d), A.new_zeros(batch_parts, d)
+        gB, gC = (u.new_zeros(group_parts, b, length, n) for _ in range(2))
+        arrays = [t.numpy() for t in (u, dt, A, B, C, D)]
+        z_np, gz_np = (None if t is None else t.numpy() for t in (z, gz))
+        parts = [
+            (x, y, *rows, *groups)
+            for x, rows in enumerate(_cuts(b, batch_parts))
+            for y, groups in enumerate(_cuts(d // LANES, group_parts))
+        ]
+
+        def call(x: int, y: int, i0: int, i1: int, g0: int, g1: int) -> None:
+            ext.backward(
+                *arrays,
+                z_np,
+                gy.numpy(),
+                states.numpy(),
+                gu.numpy(),
+                gdt.numpy(),
+                gz_np,
+                gA[x].numpy(),
+                gD[x].numpy(),
+                gB[y].numpy(),
+                gC[y].numpy(),
+                (b, length, d, n),
+                (i0, i1, g0, g1),
+                ctx.chunk,
+                ctx.path,
+            )
+
+        _run_parts(parts, call)
+        return gu, gdt, gA.sum(0), gB.sum(0), gC.sum(0), gD.sum(0), gz, None, None
+
+
+def _kernel_layout(x: Tensor, pad: int) -> Tensor:
+    """(b, f, L) -> contiguous fp32 (b, L, f + pad), zero-padded: the kernel reads one row per time step."""
+    x = x.to(torch.float32).transpose(1, 2)
+    return (F.pad(x, (0, pad)) if pad else x).contiguous()
+
+
+def _compiled_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    path: str | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """`selective_scan` through the compiled kernel (fp32). Softplus and the bias stay PyTorch ops (and
+    autograd's); channels are zero-padded to a multiple of LANES, which leaves padded states at zero."""
+    dtype_in = u.dtype
+    b, d, length = u.shape
+    pad = -d % LANES
+
+    def vec(t: Tensor | None) -> Tensor:
+        t = u.new_zeros(d, dtype=torch.float32) if t is None else t.to(torch.float32)
+        return F.pad(t, (0, pad)) if pad else t
+
+    with torch.autocast(u.device.type, enabled=False):
+        dt = _delta(_kernel_layout(delta, pad), None if delta_bias is None else vec(delta_bias), delta_softplus)
+        y = _CompiledScan.apply(
+            _kernel_layout(u, pad),
+            dt.contiguous(),
+            _kernel_layout(A[None], pad)[0],
+            B.to(torch.float32).transpose(1, 2).contiguous(),
+            C.to(torch.float32).transpose(1, 2).contiguous(),
+            vec(D),
+            None if z is None else _kernel_layout(z, pad),
+            chunk or KERNEL_CHUNK,
+            path or compiled_path(),
+        )
+    return y[..., :d].transpose(1, 2).to(dtype_in)
+
+
+@functools.cache
+def _note_fallback(reason: str) -> None:
+    """Say once per process (and reason), on one line, that `auto` scans without the compiled kernel."""
+    log.warning("compiled selective scan unavailable (%s); using the chunked PyTorch scan", reason)
+
+
+def _why_not_compiled(u: Tensor, work: torch.dtype, d_state: int) -> str | None:
+    """Why these inputs cannot take the compiled kernel (None: they can), for `auto` and `compiled`."""
+    if u.device.type != "cpu":
+        return f"it runs on CPU tensors, these are on {u.device}"
+    if work != torch.float32:
+        return "it computes in fp32; fp64 inputs take the chunked scan (impl='torch')"
+    if d_state > MAX_STATE:
+        return f"it takes d_state up to {MAX_STATE}, got {d_state}"
+    return None
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -223,13 +549,32 @@ def selective_scan(
     delta_softplus: bool = False,
     *,
     chunk_size: int = DEFAULT_CHUNK,
+    impl: Impl = "auto",
 ) -> Tensor:
     """Selective scan with `mamba_ssm.selective_scan_fn`'s conventions, fast on CPU (any device works).
 
     u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
     D, delta_bias: (d_inner,). Returns (batch, d_inner, L) in u's dtype; computes in fp32 (fp64 for fp64).
+    impl: "torch" is the chunked PyTorch scan (chunk_size steps per chunk); "compiled" the compiled kernel
+    (CPU, fp32 compute; CompiledScanUnavailableError where it cannot run); "auto" the kernel where it can
+    run, else (saying once why, if it is not installed) the chunked scan.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     dtype_in, work = u.dtype, _work_dtype(u, delta, A, B, C)
+    if impl != "torch":
+        reason = _why_not_compiled(u, work, A.shape[1])
+        if reason is None:
+            try:
+                _kernel()
+            except CompiledScanUnavailableError as e:
+                if impl == "compiled":
+                    raise
+                _note_fallback(str(e))
+            else:
+                return _compiled_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        elif impl == "compiled":
+            raise CompiledScanUnavailableError(f"impl='compiled' cannot scan these inputs: {reason}")
     b, _, length = u.shape
     k = max(1, min(chunk_size, length))
     # Everything below runs in the step layout, so no elementwise op mixes memory layouts (slow on CPU).

@@ -37,7 +37,7 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from storage.errors import MamFusionError
+from storage.errors import MamFusionError, clean_reason
 
 logger = logging.getLogger(__name__)
 
@@ -255,11 +255,6 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     walk_errors: list[str] = field(default_factory=list)
-
-
-def clean_reason(text: str) -> str:
-    """A reason on one printable line: decoder logs carry NULs and line breaks into JSON reports and logs."""
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 # ---- frame times: shared with tasks.decode, so catalog durations and feature rows agree ----

@@ -13,3 +13,8 @@ class MamFusionError(Exception):
 
     def __str__(self) -> str:  # KeyError-derived subclasses would print the message quoted
         return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+def clean_reason(text: str) -> str:
+    """A message on one printable line: decoder logs carry NULs and line breaks into JSON reports and logs."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())

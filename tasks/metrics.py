@@ -119,9 +119,8 @@ def summarize(
 def describe_gallery(m: RetrievalMetrics) -> str:
     """'split test: 18 queries vs 30 videos (6 in the split + 24 distractors)'."""
     extra = f" ({m.n_videos - m.n_distractors} in the split + {m.n_distractors} distractors)"
-    return (
-        f"split {m.split}: {m.n_queries} queries vs a gallery of {m.n_videos} videos"
-        + (extra if m.n_distractors else "")
+    return f"split {m.split}: {m.n_queries} queries vs a gallery of {m.n_videos} videos" + (
+        extra if m.n_distractors else ""
     )
 
 
@@ -132,6 +131,14 @@ def format_metrics(m: RetrievalMetrics) -> str:
         mark = " (trivial: K >= gallery)" if k in m.trivial_ks else ""
         cells.append(f"R@{k} {getattr(m, f'r{k}'):.2f} [chance {getattr(m.chance, f'r{k}'):.2f}]{mark}")
     lines = [describe_gallery(m), "  ".join(cells) + f"  SumR {m.sumr:.2f} [chance {m.chance.sumr:.2f}]"]
+    if m.moments is not None:
+        mm = m.moments
+        lines.append(
+            f"moments ({mm.n_queries} queries, true length {mm.mean_true_length:.1f} s): mean IoU "
+            f"{mm.span.mean_iou:.3f}, R@1 IoU>=0.5 {mm.span.r1_iou5:.2f} "
+            f"[single clip {mm.single_clip.mean_iou:.3f}, {mm.single_clip.r1_iou5:.2f}; "
+            f"chance {mm.chance.mean_iou:.3f}, {mm.chance.r1_iou5:.2f}]"
+        )
     if m.tied_queries:
         o = m.optimistic
         assert o is not None

@@ -19,7 +19,7 @@ from models.backbones import BACKBONES, weights_identity
 from models.text_backbones import TextEncoder, load_text_encoder, text_weights_identity
 from tasks.device import resolve_device
 
-EXTRACTOR_VERSION = 1
+EXTRACTOR_VERSION = 2  # 2: native-rate rows for low-fps videos, no sliver last row
 
 
 class _Strict(BaseModel):

@@ -19,7 +19,14 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from models.config import ExperimentConfig  # noqa: E402
-from storage.registry import RecallTable, RetrievalMetrics, RunDir, RunMetrics, Skipped  # noqa: E402
+from storage.registry import (  # noqa: E402
+    MomentMetrics,
+    RecallTable,
+    RetrievalMetrics,
+    RunDir,
+    RunMetrics,
+    Skipped,
+)
 from tasks.evaluate import write_per_query  # noqa: E402
 from tasks.metrics import RECALL_KS  # noqa: E402
 
@@ -87,6 +94,47 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def plot_profiles(per_query: Sequence[dict[str, Any]], path: Path, n: int = 4) -> Path | None:
+    """Clip-score profile of the correct video vs the annotated moment and the predicted span, n queries."""
+    rows = [r for r in per_query if r.get("iou") is not None][:n]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.8 * len(rows)), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows, strict=True):
+        mids = [(a + b) / 2 for a, b in r["clip_spans"]]
+        ax.plot(mids, r["profile"], marker="o", ms=2.5, lw=1.2, label="clip score")
+        ax.axvspan(r["gt_start"], r["gt_end"], color="tab:green", alpha=0.25, label="annotated")
+        ax.axvspan(
+            r["moment"]["start"], r["moment"]["end"], color="tab:orange", alpha=0.25, label="predicted"
+        )
+        ax.set_title(f"{r['text'][:70]} (IoU {r['iou']:.2f})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("seconds")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def moments_table(m: MomentMetrics) -> list[str]:
+    """Markdown rows of moment IoU: the span rule and the single clip (in the correct and the top video)."""
+    rows = [
+        ("span rule, correct video", m.span),
+        ("single best clip, correct video", m.single_clip),
+        ("span rule, top-ranked video", m.span_top1),
+        ("single best clip, top-ranked video", m.single_clip_top1),
+        ("chance (random span of the mean true length)", m.chance),
+    ]
+    lines = [
+        f"Moments ({m.n_queries} queries with annotated spans, mean true length {m.mean_true_length:.1f} s; "
+        f"rule: {m.rule}):",
+        "",
+        "| | mean IoU | R@1 IoU≥0.3 | R@1 IoU≥0.5 | R@1 IoU≥0.7 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, t in rows:
+        lines.append(f"| {label} | {t.mean_iou:.3f} | {t.r1_iou3:.2f} | {t.r1_iou5:.2f} | {t.r1_iou7:.2f} |")
+    return lines
+
+
 def metrics_table(m: RetrievalMetrics) -> list[str]:
     """Markdown rows: the model, chance on the same gallery, and the tie bound when ties exist."""
 
@@ -139,6 +187,8 @@ def render_report(
         *metrics_table(m),
         "",
     ]
+    if m.moments is not None:
+        lines += [*moments_table(m.moments), ""]
     if t.warnings:
         lines += ["**Warnings**", "", *[f"- {w}" for w in t.warnings], ""]
     lines += [
@@ -190,6 +240,9 @@ def write_report(
         plots["Validation R@K"] = plot_val_recall(history, run.plots_dir / "val_recall.png")
     ranks = np.array([r["rank"] for r in per_query])
     plots["Rank distribution"] = plot_ranks(ranks, metrics.n_videos, run.plots_dir / "ranks.png")
+    profiles = plot_profiles(per_query, run.plots_dir / "moments.png")
+    if profiles is not None:
+        plots["Score profile vs annotated moment"] = profiles
     rel = {caption: p.relative_to(run.path).as_posix() for caption, p in plots.items()}
     body = render_report(title, cfg, metrics, rel, worst_queries(per_query, n_worst), skipped)
     run.report_file.write_text(body)

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,10 +266,12 @@ def train(
     *,
     resume: bool = True,
     progress: bool = True,
+    say: Callable[[str], None] = log.info,
 ) -> TrainResult:
     """Train with validation-based model selection; the best weights end up in `run` (save_pretrained).
 
-    The selected epoch is the best validation SumR, ties broken by the lower mean rank.
+    The selected epoch is the best validation SumR, ties broken by the lower mean rank. `say` gets one line
+    per epoch (the Prefect task passes its run logger, so the lines reach the flow run's logs and the UI).
     """
     train_data.check_dims(cfg.model)
     val_data.check_dims(cfg.model)
@@ -343,18 +346,13 @@ def train(
             state.epoch += 1
             save_checkpoint(run.checkpoint_file, model, optimizer, state)
             run.write_history(state.history)
-            log.info(
-                "epoch %d/%d: loss %.4f, val SumR %.2f, mean rank %.1f (best %.2f @ epoch %d)",
-                epoch + 1,
-                n_epoch,
-                losses.get("total", math.nan),
-                val.sumr,
-                val.meanr,
-                state.best_sumr,
-                state.best_epoch,
+            say(
+                f"epoch {epoch + 1}/{n_epoch}: loss {losses.get('total', math.nan):.4f}, val SumR "
+                f"{val.sumr:.2f}, mean rank {val.meanr:.1f} (best {state.best_sumr:.2f} @ epoch "
+                f"{state.best_epoch}) in {time.perf_counter() - t0:.1f} s"
             )
     if state.stopped:
-        log.info("early stop: no validation improvement for %d epochs", state.es_cnt)
+        say(f"early stop: no validation improvement for {state.es_cnt} epochs")
     return TrainResult(
         run, state.best_epoch, state.best_sumr, state.epoch, state.stopped, state.history, data_digest
     )
@@ -411,7 +409,10 @@ def select_splits(annotations: AnnotationSet, val_annotations: AnnotationSet | N
 
 
 def annotation_skips(ann: AnnotationSet) -> list[Skipped]:
-    return [Skipped(kind="annotation", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.skipped]
+    """Malformed lines (left out), and captions kept without their invalid moment."""
+    lines = [Skipped(kind="annotation", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.skipped]
+    kept = [Skipped(kind="moment", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.moment_issues]
+    return lines + kept
 
 
 class TrainRequest(BaseModel):
@@ -481,7 +482,9 @@ def plan_splits(request: TrainRequest) -> SplitPlan:
     )
 
 
-def train_run(request: TrainRequest, *, progress: bool = True) -> RunMetrics:
+def train_run(
+    request: TrainRequest, *, progress: bool = True, say: Callable[[str], None] = log.info
+) -> RunMetrics:
     """The whole `train` command as a function: load, train, evaluate the selected epoch, write the run.
 
     Validation and test queries are ranked against galleries chosen by `train.eval_gallery` (see
@@ -507,8 +510,8 @@ def train_run(request: TrainRequest, *, progress: bool = True) -> RunMetrics:
         if splits.test is splits.val
         else split_data(splits.test, splits.test_name, plan.test_distractors)
     )
-    log.info("validation: %s", describe_gallery_of(val_data))
-    result = train(cfg, train_data, val_data, run, resume=request.resume, progress=progress)
+    say(f"validation: {describe_gallery_of(val_data)}")
+    result = train(cfg, train_data, val_data, run, resume=request.resume, progress=progress, say=say)
     run.write_features(
         FeatureSource(
             store=store.url,

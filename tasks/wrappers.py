@@ -26,7 +26,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
@@ -158,6 +158,7 @@ class TextOutcome(BaseModel):
     encoded: int
     cached: int
     skipped: list[Skipped]
+    notes: list[Skipped] = []  # captions kept whose moment was invalid (dropped or clipped)
 
 
 class TrainOutcome(BaseModel):
@@ -212,8 +213,13 @@ def extract_text_task(
     )
     skipped = [Skipped(kind="annotation", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.skipped]
     skipped += [Skipped(kind="caption", id=s["text"], reason=s["reason"]) for s in summary.skipped]
+    notes = [Skipped(kind="moment", id=f"{s.path}:{s.line}", reason=s.reason) for s in ann.moment_issues]
     return TextOutcome(
-        fingerprint=summary.fingerprint, encoded=summary.encoded, cached=summary.cached, skipped=skipped
+        fingerprint=summary.fingerprint,
+        encoded=summary.encoded,
+        cached=summary.cached,
+        skipped=skipped,
+        notes=notes,
     )
 
 
@@ -230,7 +236,8 @@ def train_task(request: TrainRequest, data_digest: str) -> TrainOutcome:
 
     `data_digest` (videos, their content and the captions) is only a cache-key input.
     """
-    return TrainOutcome(run_dir=request.run_dir, metrics=train_run(request, progress=False))
+    say = get_run_logger().info  # per-epoch lines into the flow run's logs (terminal, UI, worker log)
+    return TrainOutcome(run_dir=request.run_dir, metrics=train_run(request, progress=False, say=say))
 
 
 @task(name="evaluate-champion", **_cached("tasks.publish"), **_RETRY)

@@ -56,7 +56,7 @@ def test_missing_features_are_skipped_with_reasons(synth_store):
     ]
     data = load_split(store, AnnotationSet(real + extra), None, *fps, name="val")
     assert len(data.queries) == len(real) and "ghost" not in data.video_ids
-    reasons = {(s["kind"], s["id"]): s["reason"] for s in data.skipped}
+    reasons = {(s.kind, s.id): s.reason for s in data.skipped}
     assert reasons[("video", "ghost")].startswith("no features under visual fingerprint")
     assert reasons[("query", "ghost#enc#0")] == "its video ghost was skipped"
     assert reasons[("query", f"{real[0].video_id}#enc#9")].startswith("no text features")

@@ -22,6 +22,8 @@ from prefect.client.schemas.filters import (
     ArtifactFilterFlowRunId,
     FlowRunFilter,
     FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
@@ -148,6 +150,15 @@ def test_full_pipeline_through_the_deployment(world):
     assert version is not None and (models_dir(world) / version / "report.md").is_file()
     assert "## Publishing" in (models_dir(world) / version / "report.md").read_text()
     assert (models_dir(world) / version / "index.zarr").is_dir()
+    # what the user sees in the UI: per-epoch and extraction progress lines, no routine task chatter
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    messages = [entry.message for entry in logs]
+    for epoch in range(1, TRAIN["n_epoch"] + 1):
+        assert any(m.startswith(f"epoch {epoch}/{TRAIN['n_epoch']}: loss") for m in messages), messages
+    assert any(m.startswith("extraction ") and "videos:" in m for m in messages), messages
+    assert any(m.startswith("challenger split test:") for m in messages), messages
+    assert not any(m.startswith("Finished in state Completed") for m in messages), messages
 
 
 def test_second_run_extracts_nothing_publishes_nothing_and_indexes_nothing(world):

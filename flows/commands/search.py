@@ -36,10 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_hits(query: str, hits: list[Hit]) -> str:
     """A fixed-width table per query for the terminal."""
-    lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'moment (s)':>15}  video id / path"]
+    head = f"{'rank':>4}  {'score':>7}  {'moment (s)':>13}  {'best clip':>11}  video id / path"
+    lines = [f"query: {query}", head]
     for h in hits:
-        moment = f"{h.start:.1f}-{h.end:.1f}"
-        lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {moment:>15}  {h.video_id}  {h.path}")
+        moment, clip = f"{h.start:.1f}-{h.end:.1f}", f"{h.clip_start:.1f}-{h.clip_end:.1f}"
+        lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {moment:>13}  {clip:>11}  {h.video_id}  {h.path}")
     return "\n".join(lines)
 
 
