@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: demo test lint bench env clean
+.PHONY: demo test lint bench env clean browser
 
 env: $(VENV)/.installed
 
@@ -16,8 +16,14 @@ $(VENV)/.installed: pyproject.toml setup.py tasks/_scan_fp16.c
 demo: env
 	$(PY) -m flows.demo
 
-test: env
+test: env browser
 	$(PY) -m pytest -q
+
+# Chromium for tests/test_serve_browser.py: Playwright drives Debian's build (its own browser download is not
+# used). Without root the install fails: the browser test is then skipped locally (and fails on CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; } \
+		|| echo "warning: could not install chromium (apt-get install -y chromium)"
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -42,16 +42,38 @@ def drop_page_cache(root: Path) -> None:
                 os.close(fd)
 
 
-def best(fn: Callable[[], object], repeats: int, before: Callable[[], None] | None = None) -> float:
-    """Minimum wall seconds over `repeats` runs (a shared machine: the least disturbed run)."""
-    times = []
+Timing = tuple[float, float]  # (wall, CPU) seconds
+
+
+def compare(
+    fns: dict[str, Callable[[], object]], repeats: int, before: Callable[[str], None] | None = None
+) -> dict[str, Timing]:
+    """Best wall and best CPU seconds (all threads, user + system) of each function over interleaved runs:
+    on a shared machine the minimum is the least disturbed run, and CPU time is the steadier comparison."""
+    runs: dict[str, list[Timing]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if before:
-            before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, fn in fns.items():
+            if before:
+                before(name)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (min(w for w, _ in r), min(c for _, c in r)) for name, r in runs.items()}
+
+
+def show(what: str, timings: dict[str, Timing], nbytes: float | None) -> None:
+    """One row: each layout's wall (and GB/s when `nbytes`) and CPU time, and checksum/no-checksum ratios."""
+    (wa, ca), (wb, cb) = timings["no checksum"], timings["crc32c"]
+    if nbytes:
+        cells = f"{nbytes / wa / 1e9:6.2f} GB/s {ca:6.3f} s  {nbytes / wb / 1e9:6.2f} GB/s {cb:6.3f} s"
+    else:
+        cells = f"{wa * 1e3:7.1f} ms {ca:6.3f} s  {wb * 1e3:7.1f} ms {cb:6.3f} s"
+    print(f"{what:36s} {cells}   {wa / wb:5.2f}x  {ca / cb:5.2f}x")
+
+
+HEADER = (
+    f"{'':36s} {'no checksum (wall, CPU)':>24s}  {'crc32c (wall, CPU)':>22s}   throughput ratio (wall, CPU)"
+)
 
 
 def build_index(url: str, n: int, checksum: bool) -> None:
@@ -119,82 +141,58 @@ def run(args: argparse.Namespace, work: Path) -> None:
     nbytes = VideoIndex.open(urls["crc32c"]).nbytes
     print(f"\nindex: {args.videos} videos x {CLIPS + 1} x {DIM} fp16 = {nbytes / 1e6:.0f} MB of vectors")
 
-    def prepare(name: str) -> Callable[[], None]:
-        def before() -> None:
-            _zarr_entries.VERIFIED.clear()
-            if args.cold:
-                drop_page_cache(Path(urls[name]))
+    def prepare(name: str) -> None:
+        _zarr_entries.VERIFIED.clear()
+        if args.cold:
+            drop_page_cache(Path(urls[name]))
 
-        return before
-
-    results: dict[str, dict[str, float]] = {}
     rng = np.random.default_rng(1)
     picks = rng.choice(args.videos, size=min(args.scattered, args.videos), replace=False)
-    for name in layouts:
-        url = urls[name]
 
-        def scan(url: str = url) -> None:
+    def scan(url: str) -> Callable[[], None]:
+        def run() -> None:
             for _, block in VideoIndex.open(url).iter_vectors():
                 del block
 
-        def load(url: str = url) -> None:
-            VideoIndex.open(url).load_vectors()
+        return run
 
-        def scattered(url: str = url) -> None:
-            VideoIndex.open(url).read_rows(picks)
-
-        results[name] = {
-            "iter_vectors": best(scan, args.repeats, prepare(name)),
-            "load_vectors": best(load, args.repeats, prepare(name)),
-            "read_rows (first touch)": best(scattered, args.repeats, prepare(name)),
-        }
-        VideoIndex.open(url).load_vectors()  # every chunk checked once in this process
-        results[name]["read_rows (chunks already checked)"] = best(scattered, args.repeats)
-
-    print(f"{'index read':38s} {'no checksum':>14s} {'crc32c':>14s} {'throughput ratio':>17s}")
-    for what in results["crc32c"]:
-        a, b = results["no checksum"][what], results["crc32c"][what]
-        rate = (
-            f"{nbytes / a / 1e9:6.2f} GB/s {nbytes / b / 1e9:6.2f} GB/s"
-            if "vectors" in what
-            else f"{a * 1e3:8.1f} ms {b * 1e3:8.1f} ms"
-        )
-        print(f"{what:38s} {rate:>30s} {a / b:16.2f}x")
+    print(HEADER)
+    show("iter_vectors", compare({n: scan(u) for n, u in urls.items()}, args.repeats, prepare), nbytes)
+    loads = {n: (lambda u=u: VideoIndex.open(u).load_vectors()) for n, u in urls.items()}
+    show("load_vectors", compare(loads, args.repeats, prepare), nbytes)
+    scattered = {n: (lambda u=u: VideoIndex.open(u).read_rows(picks)) for n, u in urls.items()}
+    show(f"read_rows({len(picks)} rows, first touch)", compare(scattered, args.repeats, prepare), None)
+    for u in urls.values():
+        VideoIndex.open(u).load_vectors()  # every chunk checked once in this process
+    show(f"read_rows({len(picks)} rows, checked)", compare(scattered, args.repeats), None)
 
     print(f"\nbuilding two stores: {args.pack_videos} videos x {args.pack_rows} rows x {args.pack_dim} fp32")
     stores = {name: work / f"store-{int(c)}.zarr" for name, c in layouts.items()}
     shas = {
-        name: build_store(stores[name], args.pack_videos, args.pack_rows, args.pack_dim, c)
-        for name, c in layouts.items()
+        n: build_store(stores[n], args.pack_videos, args.pack_rows, args.pack_dim, c)
+        for n, c in layouts.items()
     }
     pack_bytes = args.pack_videos * args.pack_rows * args.pack_dim * 4
     subset = sorted(rng.choice(args.pack_videos, size=int(0.8 * args.pack_videos), replace=False))
-    print(f"{'pack bulk read':38s} {'no checksum':>14s} {'crc32c':>14s} {'throughput ratio':>17s}")
-    pack_results: dict[str, dict[str, float]] = {}
-    for name in layouts:
-        url, keys = stores[name], shas[name]
 
-        def before(url: Path = url) -> None:
-            _zarr_entries.VERIFIED.clear()
-            if args.cold:
-                drop_page_cache(url)
+    def prepare_store(name: str) -> None:
+        _zarr_entries.VERIFIED.clear()
+        if args.cold:
+            drop_page_cache(stores[name])
 
-        def read_all(url: Path = url, keys: list[str] = keys) -> None:
-            FeatureStore(url, auto_pack=False, read_only=True).read_videos(FP, keys)
+    def reader(name: str, keys: list[str]) -> Callable[[], object]:
+        return lambda: FeatureStore(stores[name], auto_pack=False, read_only=True).read_videos(FP, keys)
 
-        def read_subset(url: Path = url, keys: list[str] = keys) -> None:
-            FeatureStore(url, auto_pack=False, read_only=True).read_videos(FP, [keys[i] for i in subset])
-
-        pack_results[name] = {
-            "read_videos (all)": best(read_all, args.repeats, before),
-            "read_videos (80% subset, first touch)": best(read_subset, args.repeats, before),
-        }
-        read_all()
-        pack_results[name]["read_videos (80% subset, checked)"] = best(read_subset, args.repeats)
-    for what in pack_results["crc32c"]:
-        a, b = pack_results["no checksum"][what], pack_results["crc32c"][what]
-        size = pack_bytes * (0.8 if "subset" in what else 1.0)
-        print(f"{what:38s} {size / a / 1e9:9.2f} GB/s {size / b / 1e9:9.2f} GB/s {a / b:16.2f}x")
+    print(HEADER.replace(" " * 14, "pack bulk read", 1))
+    every = {n: reader(n, shas[n]) for n in layouts}
+    show("read_videos (all)", compare(every, args.repeats, prepare_store), pack_bytes)
+    part = {n: reader(n, [shas[n][i] for i in subset]) for n in layouts}
+    show(
+        "read_videos (80% subset, first touch)", compare(part, args.repeats, prepare_store), 0.8 * pack_bytes
+    )
+    for fn in every.values():
+        fn()
+    show("read_videos (80% subset, checked)", compare(part, args.repeats), 0.8 * pack_bytes)
 
 
 if __name__ == "__main__":

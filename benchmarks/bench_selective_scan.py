@@ -1,10 +1,15 @@
-"""Selective scan forward+backward on CPU: the chunked `selective_scan` vs the sequential reference.
+"""Selective scan forward+backward on CPU: the compiled kernel and the chunked PyTorch scan vs the sequential
+reference, all in the same run.
 
-Shapes follow MamFusion's Mamba layers (d_inner 768, d_state 16) with the issue's batch of 16. Runs are
-interleaved (reference, fast, reference, ...) so a shared machine's load hits both alike; medians reported.
+Shapes follow MamFusion's Mamba layers (d_inner 768, d_state 16) with the issue's batch of 16; inputs are
+(batch, d_inner, L) contiguous, mamba_ssm's convention. Runs are interleaved (reference, chunked, compiled,
+reference, ...) so a shared machine's load hits all alike; medians reported. Speed-ups are reference time over
+each scan's time, by wall and by CPU time (steadier on a shared machine).
 
-    .venv/bin/python benchmarks/bench_selective_scan.py                    # reference vs chunked, all L
-    .venv/bin/python benchmarks/bench_selective_scan.py --no-reference --chunks 8 16 32 64 128   # choose K
+    .venv/bin/python benchmarks/bench_selective_scan.py --lengths 512              # the issue's measurement
+    .venv/bin/python benchmarks/bench_selective_scan.py                            # all L
+    .venv/bin/python benchmarks/bench_selective_scan.py --no-reference --chunks 8 16 32 64   # choose K
+    .venv/bin/python benchmarks/bench_selective_scan.py --no-reference --scans compiled --kernel-chunks 16 64
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from pathlib import Path
 import psutil
 import torch
 
+import models.selective_scan as scan_module
 from models.selective_scan import DEFAULT_CHUNK, selective_scan, sequential_selective_scan
+
+Scan = Callable[..., torch.Tensor]
 
 
 def make_inputs(
@@ -46,6 +54,21 @@ def make_inputs(
     }
 
 
+def scans(args: argparse.Namespace) -> dict[str, Scan]:
+    """The timed scans by column name: chunked per K, compiled per kernel chunk (if built)."""
+    out: dict[str, Scan] = {}
+    if "chunked" in args.scans:
+        for k in args.chunks:
+            out[f"chunked K={k}"] = functools.partial(selective_scan, chunk_size=k, impl="torch")
+    if "compiled" in args.scans and scan_module.compiled_paths():
+        scan_module._kernel()  # its one-off self-check, outside the timings
+        for k in args.kernel_chunks:
+            out[f"compiled ({scan_module.compiled_path()}, chunk {k})"] = functools.partial(
+                scan_module._compiled_scan, chunk=k
+            )
+    return out
+
+
 def peak_extra_mib(which: str, args: argparse.Namespace, length: int) -> float:
     """Peak memory of one forward+backward above the inputs, in a fresh process (so no allocator reuse)."""
     cmd = [sys.executable, __file__, "--peak-of", which, "--lengths", str(length), "--batch", str(args.batch)]
@@ -56,18 +79,17 @@ def peak_extra_mib(which: str, args: argparse.Namespace, length: int) -> float:
 def measure_peak(which: str, args: argparse.Namespace) -> None:
     """Child side of `peak_extra_mib`: prints max RSS during the call minus RSS before it (MiB)."""
     inputs = make_inputs(args.batch, args.d_inner, args.d_state, args.lengths[0])
+    fn = {"reference": sequential_selective_scan, "chunked": functools.partial(selective_scan, impl="torch")}
     before = psutil.Process().memory_info().rss
-    fwd_bwd(sequential_selective_scan if which == "reference" else selective_scan, inputs)
+    fwd_bwd(fn.get(which, functools.partial(selective_scan, impl="compiled")), inputs)
     # VmHWM (Linux): this process's own peak; ru_maxrss would also count the parent's peak from before exec.
     status = Path("/proc/self/status").read_text()
     peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     print((peak_kib * 1024 - before) / 2**20)
 
 
-def fwd_bwd(
-    fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]
-) -> tuple[float, float, float, torch.Tensor]:
-    """Wall s, CPU s and peak extra MiB of one forward+backward, and the output (for the equality check)."""
+def fwd_bwd(fn: Scan, inputs: dict[str, torch.Tensor]) -> tuple[float, float, torch.Tensor]:
+    """Wall s and CPU s of one forward+backward, and the output (for the equality check)."""
     for t in inputs.values():
         t.grad = None
     wall, cpu = time.perf_counter(), time.process_time()
@@ -83,57 +105,70 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[32, 256, 512, 1024])
-    p.add_argument("--chunks", type=int, nargs="+", default=[DEFAULT_CHUNK], help="chunk sizes K to time")
+    p.add_argument("--scans", nargs="+", choices=["chunked", "compiled"], default=["chunked", "compiled"])
+    p.add_argument("--chunks", type=int, nargs="+", default=[DEFAULT_CHUNK], help="chunked scan's K values")
+    p.add_argument("--kernel-chunks", type=int, nargs="+", default=[scan_module.KERNEL_CHUNK])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--d-inner", type=int, default=768)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-reference", action="store_true", help="time only the chunked scan (chunk sweeps)")
-    p.add_argument("--peak-of", choices=["reference", "chunked"], help=argparse.SUPPRESS)  # internal
+    p.add_argument("--no-reference", action="store_true", help="skip the sequential reference (sweeps)")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--peak-of", choices=["reference", "chunked", "compiled"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_of:
         return measure_peak(args.peak_of, args)
     ref = not args.no_reference
+    timed = scans(args)
+    if "compiled" in args.scans and not scan_module.compiled_paths():
+        print("(compiled scan not built here: only the chunked scan is timed)")
 
     print(
         f"B={args.batch} d_inner={args.d_inner} d_state={args.d_state} float32, torch {torch.__version__}, "
     )
     print(f"threads={torch.get_num_threads()}; forward+backward, median of {args.repeats} interleaved runs,")
-    print("cells: wall s / CPU s (CPU time is steadier on a shared machine); speedup: fastest K by CPU s\n")
+    print("cells: wall s / CPU s; speed-up: reference / scan, wall / CPU\n")
     warm = make_inputs(args.batch, args.d_inner, args.d_state, 32)
-    for fn in (sequential_selective_scan, selective_scan):  # first calls pay one-off allocator/dispatch costs
+    for fn in (
+        sequential_selective_scan,
+        *timed.values(),
+    ):  # first calls pay one-off allocator/dispatch costs
         fwd_bwd(fn, warm)
-    cols = (["reference"] if ref else []) + [f"chunked K={k}" for k in args.chunks]
-    cols += (
-        ["speedup wall / CPU", f"peak MiB ref / K={DEFAULT_CHUNK}", "max rel. err (y, grads)"] if ref else []
-    )
+    cols = (["reference"] if ref else []) + list(timed)
+    if ref:
+        cols += [f"speed-up {name}" for name in timed] + ["max rel. err (y, grads)"]
+        cols += [] if args.no_peak else ["peak MiB ref / chunked / compiled"]
     print("| L | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for length in args.lengths:
         inputs = make_inputs(args.batch, args.d_inner, args.d_state, length)
-        runs: dict[str | int, list[tuple[float, float]]] = {}
-        err = 0.0
+        runs: dict[str, list[tuple[float, float]]] = {}
+        errs: dict[str, float] = {}
         for _ in range(args.repeats):
             if ref:
                 wall, cpu, y_ref = fwd_bwd(sequential_selective_scan, inputs)
                 grads_ref = [x.grad.clone() for x in inputs.values()]
-                runs.setdefault("ref", []).append((wall, cpu))
-            for k in args.chunks:
-                wall, cpu, y = fwd_bwd(functools.partial(selective_scan, chunk_size=k), inputs)
-                runs.setdefault(k, []).append((wall, cpu))
+                runs.setdefault("reference", []).append((wall, cpu))
+            for name, fn in timed.items():
+                wall, cpu, y = fwd_bwd(fn, inputs)
+                runs.setdefault(name, []).append((wall, cpu))
                 if ref:
-                    errs = [rel_err(a.grad, b) for a, b in zip(inputs.values(), grads_ref, strict=True)]
-                    err = max(err, rel_err(y, y_ref), *errs)
+                    grads = [rel_err(a.grad, b) for a, b in zip(inputs.values(), grads_ref, strict=True)]
+                    errs[name] = max(errs.get(name, 0.0), rel_err(y, y_ref), *grads)
         med = {key: [statistics.median(r[i] for r in v) for i in (0, 1)] for key, v in runs.items()}
-        cells = [f"{med[key][0]:.3f} / {med[key][1]:.3f}" for key in (["ref"] if ref else []) + args.chunks]
+        cells = [
+            f"{med[key][0]:.3f} / {med[key][1]:.3f}" for key in (["reference"] if ref else []) + list(timed)
+        ]
         if ref:
-            best = min(args.chunks, key=lambda k: med[k][1])
-            cells.append(f"{med['ref'][0] / med[best][0]:.1f}x / {med['ref'][1] / med[best][1]:.1f}x")
-            mib = [peak_extra_mib(which, args, length) for which in ("reference", "chunked")]
-            cells.append(f"{mib[0]:.0f} / {mib[1]:.0f}")
-            cells.append(f"{err:.1e}")
+            for name in timed:
+                ratio = [med["reference"][i] / med[name][i] for i in (0, 1)]
+                cells.append(f"**{ratio[0]:.1f}x** / {ratio[1]:.1f}x")
+            cells.append(" / ".join(f"{errs[name]:.1e}" for name in timed))
+            if not args.no_peak:
+                which = ["reference", "chunked"] + (["compiled"] if scan_module.compiled_paths() else [])
+                cells.append(" / ".join(f"{peak_extra_mib(w, args, length):.0f}" for w in which))
         print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -301,7 +301,8 @@ def create_app(
         jpeg = service.thumbnail(video_id, t)
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
-    @media.api_route("/{video_id}", methods=["GET", "HEAD"], response_class=Response)
+    @media.get("/{video_id}", response_class=Response)
+    @media.head("/{video_id}", response_class=Response, include_in_schema=False)
     def media_file(video_id: str, request: Request) -> Response:
         """The video file as stored; Range requests give 206 so a player can seek."""
         video = service.video(video_id)
@@ -312,7 +313,8 @@ def create_app(
         path = video.path
         return _ranged(request, video.size, media_type(video, stream), lambda a, b: iter_file(path, a, b))
 
-    @media.api_route("/{video_id}/preview", methods=["GET", "HEAD"], response_class=Response)
+    @media.get("/{video_id}/preview", response_class=Response)
+    @media.head("/{video_id}/preview", response_class=Response, include_in_schema=False)
     def media_preview(video_id: str, request: Request, start: float = 0.0, end: float = 5.0) -> Response:
         """`start`..`end` seconds re-encoded small as H.264 (at most 30 s), for files browsers cannot play."""
         preview = service.preview(video_id, start, end)
@@ -365,7 +367,9 @@ class BackgroundServer:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only then, and without it
+        # every keep-alive response stalls 40 ms (Nagle against the client's delayed ACK)
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]

@@ -34,16 +34,28 @@
 #define HAVE_X86_PATHS 1
 #endif
 
-#define LANES 16 /* channels per item on the widest path; d_inner must be a multiple of it */
+#define LANES 16 /* channels per work item on the widest path: the unit of the Python side's item ranges */
 #define MAX_STATE 64
 #define LOG2E 1.4426950408889634f
 
+/* A (b, ·, L) float32 tensor with any non-negative strides: element (i, c, t) is p[i*sb + c*sc + t*st]. */
+struct tensor3 {
+    float *p; /* NULL for an absent optional tensor (z, gz) */
+    int64_t sb, sc, st;
+};
+
+/* One call's work. u, delta, z, gy, y, gu, gdelta, gz are (b, d, L); B, C, gB, gC are (b, n, L). A and gA
+ * are (n, dp), D, bias, gD, gbias (dp) - contiguous, zero-padded to dp, d rounded up to LANES - and states
+ * (b, n_chunks, n, dp) with n_chunks = ceil(L / chunk), or NULL when the forward keeps none. The forward
+ * writes y (and states) for its items; the backward writes gu, gdelta, gz for its items and adds their share
+ * to gB, gC, gA, gD and gbias. */
 struct scan_args {
-    const float *u, *dt, *A, *B, *C, *D, *z, *gy; /* inputs; z may be NULL; gy only for the backward */
-    float *y, *states;                            /* forward outputs; states may be NULL (no backward) */
-    float *gu, *gdt, *gz, *gA, *gD, *gB, *gC;     /* backward outputs; gz NULL iff z is */
-    int64_t b, L, d, n, chunk;
-    int64_t i0, i1, c0, c1; /* this call's items: batch rows [i0, i1) x channels [c0, c1) */
+    struct tensor3 u, delta, z, B, C, y, gy, gu, gdelta, gz, gB, gC;
+    const float *A, *D, *bias;
+    float *states, *gA, *gD, *gbias;
+    int64_t b, L, d, dp, n, chunk;
+    int softplus;           /* dt = softplus(delta + bias), else delta + bias */
+    int64_t i0, i1, c0, c1; /* the items: batch rows [i0, i1) x channels [c0, c1), c0 and c1 multiples of LANES */
 };
 
 #define W 4
@@ -82,7 +94,7 @@ struct scan_args {
 
 struct path {
     const char *name;
-    void (*forward)(const struct scan_args *);
+    int (*forward)(const struct scan_args *);  /* 0, or -1 when out of memory */
     int (*backward)(const struct scan_args *); /* 0, or -1 when out of memory */
     int supported;                             /* set once at import from the CPU's feature bits */
 };
@@ -121,7 +133,7 @@ static PyObject *py_paths(PyObject *self, PyObject *unused) {
 
 /* The buffers one call borrows, released together. */
 struct buffers {
-    Py_buffer views[16];
+    Py_buffer views[20];
     int held;
 };
 
@@ -129,32 +141,75 @@ static void release(struct buffers *bufs) {
     while (bufs->held > 0) PyBuffer_Release(&bufs->views[--bufs->held]);
 }
 
-/* A C-contiguous float32 buffer of exactly `count` items (or NULL for None where `optional`). */
-static int get_floats(struct buffers *bufs, PyObject *obj, const char *what, int64_t count, int writable,
-                      int optional, float **out) {
-    *out = NULL;
-    if (obj == Py_None) {
-        if (optional) return 0;
-        PyErr_Format(PyExc_TypeError, "%s is required", what);
-        return -1;
-    }
+/* How one argument must look: `ndim` 3 with any strides and shape (b, rows, L) - rows d or n - or a
+ * C-contiguous buffer of `count` floats (ndim 0). */
+struct spec {
+    const char *name;
+    int ndim, rows_are_states, writable, optional;
+    int64_t count;
+};
+
+static Py_buffer *get_buffer(struct buffers *bufs, PyObject *obj, const struct spec *spec) {
     Py_buffer *view = &bufs->views[bufs->held];
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
+    int flags = (spec->ndim ? PyBUF_STRIDES : PyBUF_C_CONTIGUOUS) | PyBUF_FORMAT;
+    if (PyObject_GetBuffer(obj, view, flags | (spec->writable ? PyBUF_WRITABLE : 0)) < 0) return NULL;
     bufs->held++;
     const char *fmt = view->format ? view->format : "B";
     if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
     if (view->itemsize != 4 || strcmp(fmt, "f") != 0) {
-        PyErr_Format(PyExc_TypeError, "%s: expected float32 items, got format '%s'", what,
+        PyErr_Format(PyExc_TypeError, "%s: expected float32 items, got format '%s'", spec->name,
                      view->format ? view->format : "B");
+        return NULL;
+    }
+    return view;
+}
+
+/* Parse `objs` (a tuple) against `specs` into `out` (tensor3 for ndim 3, float * for flat ones). */
+static int get_arguments(struct buffers *bufs, PyObject *objs, const struct spec *specs, int count,
+                         const struct scan_args *a, void **out) {
+    if (!PyTuple_Check(objs) || PyTuple_GET_SIZE(objs) != count) {
+        PyErr_Format(PyExc_TypeError, "expected a tuple of %d buffers", count);
         return -1;
     }
-    if (view->len / 4 != count) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %lld items, got %zd", what, (long long)count,
-                     view->len / 4);
-        return -1;
+    for (int k = 0; k < count; k++) {
+        const struct spec *spec = &specs[k];
+        PyObject *obj = PyTuple_GET_ITEM(objs, k);
+        if (obj == Py_None) {
+            if (spec->optional) continue;
+            PyErr_Format(PyExc_TypeError, "%s is required", spec->name);
+            return -1;
+        }
+        Py_buffer *view = get_buffer(bufs, obj, spec);
+        if (!view) return -1;
+        if (!spec->ndim) {
+            if (view->len / 4 != spec->count) {
+                PyErr_Format(PyExc_ValueError, "%s: expected %lld floats, got %zd", spec->name,
+                             (long long)spec->count, view->len / 4);
+                return -1;
+            }
+            *(float **)out[k] = view->buf;
+            continue;
+        }
+        const int64_t shape[3] = {a->b, spec->rows_are_states ? a->n : a->d, a->L};
+        if (view->ndim != 3 || view->shape[0] != shape[0] || view->shape[1] != shape[1] ||
+            view->shape[2] != shape[2]) {
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld, %lld)", spec->name,
+                         (long long)shape[0], (long long)shape[1], (long long)shape[2]);
+            return -1;
+        }
+        struct tensor3 *t = out[k];
+        int64_t *strides[3] = {&t->sb, &t->sc, &t->st};
+        for (int dim = 0; dim < 3; dim++) {
+            Py_ssize_t stride = view->strides[dim];
+            /* outputs must not overlap themselves (threads write disjoint items) */
+            if (stride < 0 || stride % 4 || (spec->writable && stride == 0 && shape[dim] > 1)) {
+                PyErr_Format(PyExc_ValueError, "%s: unsupported strides", spec->name);
+                return -1;
+            }
+            *strides[dim] = stride / 4;
+        }
+        t->p = view->buf;
     }
-    *out = view->buf;
     return 0;
 }
 
@@ -169,117 +224,105 @@ static const struct path *find_path(const char *name) {
     return NULL;
 }
 
-/* Shapes and item ranges, shared by forward and backward. */
-static int check_dims(struct scan_args *a, long long dims[4], long long items[4], long long chunk) {
-    a->b = dims[0], a->L = dims[1], a->d = dims[2], a->n = dims[3], a->chunk = chunk;
+/* Shapes and the item range, shared by forward and backward. */
+static int set_dims(struct scan_args *a, long long dims[4], long long items[4], long long chunk, int softplus) {
+    a->b = dims[0], a->L = dims[1], a->d = dims[2], a->n = dims[3], a->chunk = chunk, a->softplus = softplus;
+    a->dp = (a->d + LANES - 1) / LANES * LANES;
     a->i0 = items[0], a->i1 = items[1], a->c0 = items[2] * LANES, a->c1 = items[3] * LANES;
     if (a->b < 1 || a->L < 1 || a->d < 1 || a->n < 1 || chunk < 1) {
         PyErr_SetString(PyExc_ValueError, "batch, length, d_inner, d_state and chunk must be positive");
         return -1;
     }
-    if (a->d % LANES || a->n > MAX_STATE) {
-        PyErr_Format(PyExc_ValueError, "d_inner must be a multiple of %d and d_state at most %d", LANES,
-                     MAX_STATE);
+    if (a->n > MAX_STATE) {
+        PyErr_Format(PyExc_ValueError, "d_state must be at most %d", MAX_STATE);
         return -1;
     }
-    if (a->i0 < 0 || a->i0 > a->i1 || a->i1 > a->b || a->c0 < 0 || a->c0 > a->c1 || a->c1 > a->d) {
+    if (a->i0 < 0 || a->i0 > a->i1 || a->i1 > a->b || a->c0 < 0 || a->c0 > a->c1 || a->c1 > a->dp) {
         PyErr_SetString(PyExc_ValueError, "item range out of bounds");
         return -1;
     }
     return 0;
 }
 
-PyDoc_STRVAR(forward_doc,
-             "forward(u, dt, A, B, C, D, z, y, states, dims, items, chunk, path)\n--\n\n"
-             "Scan C-contiguous float32 buffers - u, dt, z (None allowed), y: b*L*d; A: n*d; B, C: b*L*n;\n"
-             "D: d; states (None: not kept): b*ceil(L/chunk)*n*d - for dims = (b, L, d, n) and the items\n"
-             "(i0, i1, g0, g1): batch rows [i0, i1) x channel groups of 16 [g0, g1). Releases the GIL.");
-
-static PyObject *py_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *o[9]; /* u, dt, A, B, C, D, z, y, states */
+/* Parse (tensors, (b, L, d, n), (i0, i1, g0, g1), chunk, softplus, path) and run the path's forward or
+ * backward without the GIL. */
+static PyObject *run(PyObject *args, int backward) {
+    PyObject *objs;
     long long dims[4], items[4], chunk;
+    int softplus;
     const char *name;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO(LLLL)(LLLL)Ls", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
-                          &o[7], &o[8], &dims[0], &dims[1], &dims[2], &dims[3], &items[0], &items[1],
-                          &items[2], &items[3], &chunk, &name))
+    if (!PyArg_ParseTuple(args, "O!(LLLL)(LLLL)Lps", &PyTuple_Type, &objs, &dims[0], &dims[1], &dims[2], &dims[3],
+                          &items[0], &items[1], &items[2], &items[3], &chunk, &softplus, &name))
         return NULL;
     const struct path *path = find_path(name);
-    struct scan_args a = {0};
-    if (!path || check_dims(&a, dims, items, chunk) < 0) return NULL;
-    const int64_t bld = a.b * a.L * a.d, bln = a.b * a.L * a.n;
-    const int64_t n_states = a.b * ((a.L + chunk - 1) / chunk) * a.n * a.d;
+    struct scan_args a;
+    memset(&a, 0, sizeof a);
+    if (!path || set_dims(&a, dims, items, chunk, softplus) < 0) return NULL;
+    const int64_t nd = a.n * a.dp, n_states = a.b * ((a.L + chunk - 1) / chunk) * nd;
+    /* name, ndim, rows are states, writable, optional, count (flat ones) */
+    const struct spec inputs[8] = {
+        {"u", 3, 0, 0, 0, 0}, {"delta", 3, 0, 0, 0, 0}, {"z", 3, 0, 0, 1, 0},     {"B", 3, 1, 0, 0, 0},
+        {"C", 3, 1, 0, 0, 0}, {"A", 0, 0, 0, 0, nd},    {"D", 0, 0, 0, 0, a.dp}, {"bias", 0, 0, 0, 0, a.dp},
+    };
+    void *input_out[8] = {&a.u, &a.delta, &a.z, &a.B, &a.C, (void *)&a.A, (void *)&a.D, (void *)&a.bias};
+    const struct spec forward_specs[2] = {{"y", 3, 0, 1, 0, 0}, {"states", 0, 0, 1, 1, n_states}};
+    void *forward_out[2] = {&a.y, &a.states};
+    const struct spec backward_specs[10] = {
+        {"states", 0, 0, 0, 0, n_states}, {"gy", 3, 0, 0, 0, 0}, {"gu", 3, 0, 1, 0, 0},   {"gdelta", 3, 0, 1, 0, 0},
+        {"gz", 3, 0, 1, 1, 0},            {"gB", 3, 1, 1, 0, 0}, {"gC", 3, 1, 1, 0, 0},   {"gA", 0, 0, 1, 0, nd},
+        {"gD", 0, 0, 1, 0, a.dp},         {"gbias", 0, 0, 1, 0, a.dp},
+    };
+    void *backward_out[10] = {&a.states, &a.gy, &a.gu, &a.gdelta, &a.gz, &a.gB, &a.gC, &a.gA, &a.gD, &a.gbias};
+    const int n_outputs = backward ? 10 : 2;
+    if (PyTuple_GET_SIZE(objs) != 8 + n_outputs) {
+        PyErr_Format(PyExc_TypeError, "expected a tuple of %d buffers", 8 + n_outputs);
+        return NULL;
+    }
     struct buffers bufs = {.held = 0};
-    PyObject *result = NULL;
-    float *p[9];
-    if (get_floats(&bufs, o[0], "u", bld, 0, 0, &p[0]) < 0 || get_floats(&bufs, o[1], "dt", bld, 0, 0, &p[1]) < 0 ||
-        get_floats(&bufs, o[2], "A", a.n * a.d, 0, 0, &p[2]) < 0 ||
-        get_floats(&bufs, o[3], "B", bln, 0, 0, &p[3]) < 0 || get_floats(&bufs, o[4], "C", bln, 0, 0, &p[4]) < 0 ||
-        get_floats(&bufs, o[5], "D", a.d, 0, 0, &p[5]) < 0 || get_floats(&bufs, o[6], "z", bld, 0, 1, &p[6]) < 0 ||
-        get_floats(&bufs, o[7], "y", bld, 1, 0, &p[7]) < 0 ||
-        get_floats(&bufs, o[8], "states", n_states, 1, 1, &p[8]) < 0)
+    PyObject *result = NULL, *head = PyTuple_GetSlice(objs, 0, 8), *tail = PyTuple_GetSlice(objs, 8, 8 + n_outputs);
+    if (!head || !tail || get_arguments(&bufs, head, inputs, 8, &a, input_out) < 0 ||
+        get_arguments(&bufs, tail, backward ? backward_specs : forward_specs, n_outputs, &a,
+                      backward ? backward_out : forward_out) < 0)
         goto done;
-    a.u = p[0], a.dt = p[1], a.A = p[2], a.B = p[3], a.C = p[4], a.D = p[5], a.z = p[6];
-    a.y = p[7], a.states = p[8];
+    if (backward && (a.z.p == NULL) != (a.gz.p == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "gz must be given exactly when z is");
+        goto done;
+    }
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    path->forward(&a);
+    failed = backward ? path->backward(&a) : path->forward(&a);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_None);
 done:
+    Py_XDECREF(head);
+    Py_XDECREF(tail);
     release(&bufs);
     return result;
 }
 
+PyDoc_STRVAR(forward_doc,
+             "forward((u, delta, z, B, C, A, D, bias, y, states), (b, L, d, n), (i0, i1, g0, g1), chunk, softplus,"
+             " path)\n--\n\n"
+             "Scan batch rows [i0, i1) x channels [16 g0, 16 g1) into y (and, unless None, the chunk states\n"
+             "the backward needs). Shapes and layouts: struct scan_args in _selective_scan.c. Releases the GIL.");
+
+static PyObject *py_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    return run(args, 0);
+}
+
 PyDoc_STRVAR(backward_doc,
-             "backward(u, dt, A, B, C, D, z, gy, states, gu, gdt, gz, gA, gD, gB, gC, dims, items, chunk, "
-             "path)\n--\n\n"
-             "Gradients for `forward`'s items, given its inputs, its states and the output gradient gy\n"
-             "(b*L*d). Writes gu, gdt, gz (None iff z is): b*L*d, for the items; adds their share of gA: n*d,\n"
-             "gD: d, gB, gC: b*L*n. Releases the GIL.");
+             "backward((u, delta, z, B, C, A, D, bias, states, gy, gu, gdelta, gz, gB, gC, gA, gD, gbias), dims, "
+             "items, chunk, softplus, path)\n--\n\n"
+             "Gradients of `forward`'s items for output gradient gy: writes gu, gdelta, gz, adds to gB, gC, gA,\n"
+             "gD, gbias. Releases the GIL.");
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *o[16]; /* u, dt, A, B, C, D, z, gy, states, gu, gdt, gz, gA, gD, gB, gC */
-    long long dims[4], items[4], chunk;
-    const char *name;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOO(LLLL)(LLLL)Ls", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                          &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &dims[0],
-                          &dims[1], &dims[2], &dims[3], &items[0], &items[1], &items[2], &items[3], &chunk,
-                          &name))
-        return NULL;
-    const struct path *path = find_path(name);
-    struct scan_args a = {0};
-    if (!path || check_dims(&a, dims, items, chunk) < 0) return NULL;
-    if ((o[6] == Py_None) != (o[11] == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "gz must be given exactly when z is");
-        return NULL;
-    }
-    const int64_t bld = a.b * a.L * a.d, bln = a.b * a.L * a.n;
-    const int64_t n_states = a.b * ((a.L + chunk - 1) / chunk) * a.n * a.d;
-    static const char *names[16] = {"u", "dt", "A", "B", "C", "D", "z", "gy",
-                                    "states", "gu", "gdt", "gz", "gA", "gD", "gB", "gC"};
-    const int64_t counts[16] = {bld, bld, a.n * a.d, bln, bln, a.d, bld, bld,
-                                n_states, bld, bld, bld, a.n * a.d, a.d, bln, bln};
-    struct buffers bufs = {.held = 0};
-    PyObject *result = NULL;
-    float *p[16];
-    for (int k = 0; k < 16; k++)
-        if (get_floats(&bufs, o[k], names[k], counts[k], k >= 9, k == 6 || k == 11, &p[k]) < 0) goto done;
-    a.u = p[0], a.dt = p[1], a.A = p[2], a.B = p[3], a.C = p[4], a.D = p[5], a.z = p[6], a.gy = p[7];
-    a.states = p[8], a.gu = p[9], a.gdt = p[10], a.gz = p[11], a.gA = p[12], a.gD = p[13];
-    a.gB = p[14], a.gC = p[15];
-    int failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = path->backward(&a);
-    Py_END_ALLOW_THREADS
-    if (failed) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
-done:
-    release(&bufs);
-    return result;
+    return run(args, 1);
 }
 
 static PyMethodDef methods[] = {

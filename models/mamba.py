@@ -2,7 +2,8 @@
 
 `mamba_ssm` only ships CUDA kernels (and cannot even be imported on CPU), so the block here re-implements
 `mamba_ssm.Mamba` (Mamba-1, ``use_fast_path=False``) from the published math, with the same state_dict keys
-and shapes so official checkpoints load unchanged. On CUDA with mamba_ssm installed it uses the fused kernels.
+and shapes so official checkpoints load unchanged. On CUDA with mamba_ssm installed it uses the fused kernels;
+on CPU the compiled scan of models/selective_scan.py where the install built it, else the chunked one.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.selective_scan import selective_scan, sequential_selective_scan
+from models.selective_scan import (
+    CompiledScanUnavailableError,
+    compiled_paths,
+    selective_scan,
+    sequential_selective_scan,
+)
 
 logger = logging.getLogger(__name__)
 
-Impl = Literal["auto", "torch", "cuda"]
+Impl = Literal["auto", "torch", "compiled", "cuda"]
+IMPLS: tuple[Impl, ...] = ("auto", "torch", "compiled", "cuda")
 __all__ = ["Mamba", "selective_scan", "sequential_selective_scan"]
 
 
@@ -54,8 +61,10 @@ def _cuda_kernels() -> _Kernels | str:
 class Mamba(nn.Module):
     """Mamba-1 block, parameter-compatible with `mamba_ssm.Mamba` (state_dict keys and shapes).
 
-    impl: "torch" always uses the pure-PyTorch path; "cuda" requires mamba_ssm's kernels (clear error
-    otherwise); "auto" uses the kernels for CUDA inputs when they import, else PyTorch. The block is causal:
+    impl: "torch" always uses the pure-PyTorch path (the chunked scan); "compiled" the compiled CPU scan
+    (clear error where it is not built, or for CUDA inputs); "cuda" requires mamba_ssm's kernels (clear error
+    otherwise); "auto" uses mamba_ssm's kernels for CUDA inputs when they import, else `selective_scan`'s
+    own "auto" (the compiled scan for CPU inputs where built, else the chunked one). The block is causal:
     positions after t never change output t, so end padding leaves valid outputs untouched.
     """
 
@@ -74,8 +83,8 @@ class Mamba(nn.Module):
         impl: Impl = "auto",
     ) -> None:
         super().__init__()
-        if impl not in ("auto", "torch", "cuda"):
-            raise ValueError(f"impl must be 'auto', 'torch' or 'cuda', got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
@@ -92,6 +101,11 @@ class Mamba(nn.Module):
         self._init_ssm(dt_min, dt_max, dt_init_floor)
         if impl == "cuda" and isinstance(missing := _cuda_kernels(), str):
             raise RuntimeError(f"Mamba(impl='cuda'): {missing}; install the extra: pip install '.[cuda]'")
+        if impl == "compiled" and not compiled_paths():
+            raise CompiledScanUnavailableError(
+                "Mamba(impl='compiled'): the compiled selective scan is not part of this installation; "
+                "reinstall where a C compiler works (`pip install -e .`)"
+            )
 
     @torch.no_grad()
     def _init_ssm(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -107,7 +121,7 @@ class Mamba(nn.Module):
 
     def _kernels(self, x: Tensor) -> _Kernels | None:
         """The fused kernels when this call should use them (see `impl`), else None for the PyTorch path."""
-        if self.impl == "torch" or (self.impl == "auto" and not x.is_cuda):
+        if self.impl in ("torch", "compiled") or (self.impl == "auto" and not x.is_cuda):
             return None
         kernels = _cuda_kernels()
         if self.impl == "cuda" and (isinstance(kernels, str) or not x.is_cuda):
@@ -128,14 +142,20 @@ class Mamba(nn.Module):
         x, z = (xz.contiguous() if kernels else xz).chunk(2, dim=1)
         if kernels and kernels.conv is not None:
             x = kernels.conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        else:
+        elif kernels:
             x = F.silu(self.conv1d(x)[..., :length])
+        else:  # the same values laid out (b, L, d): the compiled scan then reads and writes whole vectors
+            x = F.silu(self.conv1d(x)[..., :length].transpose(1, 2)).transpose(1, 2)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()  # the bias goes inside the softplus, as delta_bias
         dt, B, C = (t.transpose(1, 2) for t in (dt, B, C))
         if kernels:
             dt, B, C = dt.contiguous(), B.contiguous(), C.contiguous()
-        scan = kernels.scan if kernels else selective_scan
+        if kernels:
+            scan = kernels.scan
+        else:
+            # (impl "cuda" always has kernels here: `_kernels` raised otherwise)
+            scan = functools.partial(selective_scan, impl="auto" if self.impl == "cuda" else self.impl)
         y = scan(
             x,
             dt,

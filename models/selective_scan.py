@@ -49,7 +49,7 @@ EXTENSION = "models._selective_scan"
 PACKAGE_DIR = Path(__file__).resolve().parent
 PATHS = ("avx512", "avx2", "portable")  # every path the kernel has, best first (x86 has all three)
 PATH_ENV = "MAMFUSION_SCAN_PATH"  # forces one of PATHS
-LANES = 16  # channels per kernel item (the C module's LANES); d_inner is zero-padded to a multiple
+LANES = 16  # channels per work item (the C module's LANES); A, D and the bias are zero-padded to a multiple
 MAX_STATE = 64  # largest d_state the kernel takes (its MAX_STATE)
 KERNEL_CHUNK = 32  # steps between the states the kernel's forward keeps for its backward
 MIN_STEPS_PER_THREAD = 4096  # item-steps (16 channels x d_state states each) worth a thread's hand-off
@@ -247,7 +247,7 @@ def _backward_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, Tensor, Tens
 
 
 class CompiledScanUnavailableError(MamFusionError, RuntimeError):
-    """The compiled scan was asked for but cannot run here (not built at install, path or input unsupported)."""
+    """The compiled scan was asked for but cannot run here (not built, or path or inputs unsupported)."""
 
 
 def _import_extension() -> ModuleType:
@@ -275,10 +275,13 @@ def _extension() -> ModuleType | CompiledScanUnavailableError:
         ext = _import_extension()
     except ImportError as e:
         return CompiledScanUnavailableError(
-            f"the compiled selective scan ({EXTENSION}) is not part of this installation ({e}); {INSTALL_HINT}"
+            f"the compiled selective scan ({EXTENSION}) is not part of this installation ({e}); "
+            + INSTALL_HINT
         )
     if (ext.LANES, ext.MAX_STATE) != (LANES, MAX_STATE):
-        return CompiledScanUnavailableError(f"{EXTENSION} is from another version of mamfusion; {INSTALL_HINT}")
+        return CompiledScanUnavailableError(
+            f"{EXTENSION} is from another version of mamfusion; {INSTALL_HINT}"
+        )
     return ext
 
 
@@ -307,35 +310,42 @@ def compiled_path() -> str:
 
 @functools.cache
 def _self_check(path: str) -> CompiledScanUnavailableError | None:
-    """Run `path` once, forward and backward, on a probe against the chunked scan: a miscompiled or
+    """Run `path` once, forward and backward, on probes against the chunked scan: a miscompiled or
     mis-dispatched kernel must never train or encode anything."""
-    # d = 21 pads to two channel groups, d_state 5 takes the generic state loop, L = 37 spans three
-    # chunks of 16, the last one partial
-    gen = torch.Generator().manual_seed(0)
-    b, d, n, length = 2, 21, 5, 37
-    shapes = {"u": (b, d, length), "delta": (b, d, length), "A": (d, n), "B": (b, n, length)}
-    shapes |= {"C": (b, n, length), "D": (d,), "z": (b, d, length), "delta_bias": (d,)}
-    probe = {k: torch.randn(*v, generator=gen, dtype=torch.float64) for k, v in shapes.items()}
-    probe["A"] = -probe["A"].exp()
-    gy = torch.randn(b, d, length, generator=gen, dtype=torch.float64)
-    results = []
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        for run_path in (path, None):
-            inputs = {k: v.float().requires_grad_() for k, v in probe.items()}
-            if run_path is None:
-                y = selective_scan(**inputs, delta_softplus=True, impl="torch")
-            else:
-                y = _compiled_scan(**inputs, delta_softplus=True, path=run_path, chunk=16)
-            results.append([y.detach(), *torch.autograd.grad(y, list(inputs.values()), gy.float())])
-    for got, want in zip(*results, strict=True):
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
+    # d = 21: a partial channel group (and, on narrow paths, groups of padding only); d_state 16 takes the
+    # unrolled state loop, 5 the generic one; L = 37 spans three chunks of 16, the last one partial
+    for d, n in ((21, 16), (21, 5)):
+        if not _matches_chunked(path, d, n, length=37):
             return CompiledScanUnavailableError(f"the compiled selective scan's {path} path is wrong here")
     log.debug("compiled selective scan: %s path", path)
     return None
 
 
+def _matches_chunked(path: str, d: int, n: int, length: int, b: int = 2) -> bool:
+    """Whether `path` gives the chunked scan's output and gradients on random inputs of this size."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"u": (b, d, length), "delta": (b, d, length), "A": (d, n), "B": (b, n, length)}
+    shapes |= {"C": (b, n, length), "D": (d,), "z": (b, d, length), "delta_bias": (d,)}
+    probe = {k: torch.randn(*v, generator=gen) for k, v in shapes.items()}
+    probe["A"] = -probe["A"].exp()
+    gy = torch.randn(b, d, length, generator=gen)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for impl in ("compiled", "torch"):
+            inputs = {k: v.clone().requires_grad_() for k, v in probe.items()}
+            if impl == "compiled":
+                y = _compiled_scan(**inputs, delta_softplus=True, path=path, chunk=16)
+            else:
+                y = selective_scan(**inputs, delta_softplus=True, impl="torch")
+            results.append([y.detach(), *torch.autograd.grad(y, list(inputs.values()), gy)])
+    return all(
+        torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        for got, want in zip(*results, strict=True)
+    )
+
+
 def _loaded() -> ModuleType:
-    """The extension module, for code that only runs once `_kernel` has vetted it."""
+    """The extension module, or CompiledScanUnavailableError (`_kernel` also vets the path)."""
     ext = _extension()
     if isinstance(ext, CompiledScanUnavailableError):
         raise ext
@@ -345,9 +355,7 @@ def _loaded() -> ModuleType:
 def _kernel(path: str | None = None) -> tuple[ModuleType, str]:
     """The extension and `path` (default: `compiled_path()`) once that path has passed its self-check; else
     CompiledScanUnavailableError saying why not."""
-    ext = _extension()
-    if isinstance(ext, CompiledScanUnavailableError):
-        raise ext
+    ext = _loaded()
     path = path or compiled_path()
     if path not in compiled_paths():
         raise CompiledScanUnavailableError(
@@ -390,94 +398,87 @@ def _run_parts(parts: list[tuple[int, ...]], call: Callable[..., None]) -> None:
 
 
 class _CompiledScan(torch.autograd.Function):
-    """The compiled kernel as an autograd Function, on kernel-layout tensors (see `_compiled_scan`):
-    u, dt, z: (b, L, d) with d a multiple of LANES; A: (n, d); B, C: (b, L, n); D: (d,); all fp32 contiguous."""
+    """The compiled kernel as an autograd Function. u, delta, z: (b, d, L); B, C: (b, n, L) - fp32, any
+    strides, as the kernel reads them tile by tile; A: (n, dp); D, bias: (dp,) - contiguous, zero-padded to
+    dp, d rounded up to LANES. Returns y like u: (b, d, L)."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
         u: Tensor,
-        dt: Tensor,
+        delta: Tensor,
         A: Tensor,
         B: Tensor,
         C: Tensor,
         D: Tensor,
         z: Tensor | None,
+        bias: Tensor,
+        softplus: bool,
         chunk: int,
         path: str,
     ) -> Tensor:
         ext = _loaded()
-        b, length, d = u.shape
-        n = A.shape[0]
-        keep = any(ctx.needs_input_grad[:7])  # inference keeps no states
-        states = u.new_empty(b, -(-length // chunk), n, d) if keep else None
+        (b, d, length), n = u.shape, A.shape[0]
+        keep = any(ctx.needs_input_grad[:8])  # inference keeps no states
+        states = u.new_empty(b, -(-length // chunk), n, A.shape[1]) if keep else None
         y = torch.empty_like(u)
-        arrays = [t.detach().numpy() for t in (u, dt, A, B, C, D)]
-        z_np, states_np = (None if t is None else t.detach().numpy() for t in (z, states))
-        batch_parts, group_parts = _grid(b, d // LANES, length)
-        parts = [
-            (*rows, *groups)
-            for rows in _cuts(b, batch_parts)
-            for groups in _cuts(d // LANES, group_parts)
-        ]
+        tensors = (*_arrays(u, delta, z, B, C, A, D, bias), y.numpy(), *_arrays(states))
+        dims = (b, length, d, n)
 
-        def call(i0: int, i1: int, g0: int, g1: int) -> None:
-            ext.forward(*arrays, z_np, y.numpy(), states_np, (b, length, d, n), (i0, i1, g0, g1), chunk, path)
+        def call(_x: int, _y: int, i0: int, i1: int, g0: int, g1: int) -> None:
+            ext.forward(tensors, dims, (i0, i1, g0, g1), chunk, softplus, path)
 
-        _run_parts(parts, call)
-        ctx.save_for_backward(u, dt, A, B, C, D, z, states)
-        ctx.chunk, ctx.path = chunk, path
+        batch_parts, group_parts = _grid(b, A.shape[1] // LANES, length)
+        _run_parts(_parts(b, A.shape[1] // LANES, batch_parts, group_parts), call)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, states)
+        ctx.softplus, ctx.chunk, ctx.path = softplus, chunk, path
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, gy: Tensor) -> tuple[Tensor | None, ...]:
-        u, dt, A, B, C, D, z, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, bias, states = ctx.saved_tensors
         ext = _loaded()
-        b, length, d = u.shape
-        n = A.shape[0]
-        gy = gy.to(torch.float32).contiguous()
-        gu, gdt = torch.empty_like(u), torch.empty_like(u)
+        (b, d, length), (n, dp) = u.shape, A.shape
+        gy = gy.to(torch.float32)
+        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
         gz = None if z is None else torch.empty_like(z)
-        batch_parts, group_parts = _grid(b, d // LANES, length)
-        # each batch part sums dA, dD over its rows, each channel part dB, dC over its channels
-        gA, gD = A.new_zeros(batch_parts, n, d), A.new_zeros(batch_parts, d)
-        gB, gC = (u.new_zeros(group_parts, b, length, n) for _ in range(2))
-        arrays = [t.numpy() for t in (u, dt, A, B, C, D)]
-        z_np, gz_np = (None if t is None else t.numpy() for t in (z, gz))
-        parts = [
-            (x, y, *rows, *groups)
-            for x, rows in enumerate(_cuts(b, batch_parts))
-            for y, groups in enumerate(_cuts(d // LANES, group_parts))
-        ]
+        batch_parts, group_parts = _grid(b, dp // LANES, length)
+        # each batch part sums dA, dD, d(bias) over its rows, each channel part dB, dC over its channels
+        gA, gD, gbias = (
+            A.new_zeros(batch_parts, n, dp),
+            A.new_zeros(batch_parts, dp),
+            A.new_zeros(batch_parts, dp),
+        )
+        gB, gC = (u.new_zeros(group_parts, b, n, length) for _ in range(2))
+        inputs = (*_arrays(u, delta, z, B, C, A, D, bias), states.numpy(), gy.numpy())
+        outputs = _arrays(gu, gdelta, gz)
+        dims = (b, length, d, n)
 
         def call(x: int, y: int, i0: int, i1: int, g0: int, g1: int) -> None:
+            parts = _arrays(gB[y], gC[y], gA[x], gD[x], gbias[x])
             ext.backward(
-                *arrays,
-                z_np,
-                gy.numpy(),
-                states.numpy(),
-                gu.numpy(),
-                gdt.numpy(),
-                gz_np,
-                gA[x].numpy(),
-                gD[x].numpy(),
-                gB[y].numpy(),
-                gC[y].numpy(),
-                (b, length, d, n),
-                (i0, i1, g0, g1),
-                ctx.chunk,
-                ctx.path,
+                (*inputs, *outputs, *parts), dims, (i0, i1, g0, g1), ctx.chunk, ctx.softplus, ctx.path
             )
 
-        _run_parts(parts, call)
-        return gu, gdt, gA.sum(0), gB.sum(0), gC.sum(0), gD.sum(0), gz, None, None
+        _run_parts(_parts(b, dp // LANES, batch_parts, group_parts), call)
+        gB, gC = (t[0] if group_parts == 1 else t.sum(0) for t in (gB, gC))
+        gA, gD, gbias = (t[0] if batch_parts == 1 else t.sum(0) for t in (gA, gD, gbias))
+        return gu, gdelta, gA, gB, gC, gD, gz, gbias, None, None, None
 
 
-def _kernel_layout(x: Tensor, pad: int) -> Tensor:
-    """(b, f, L) -> contiguous fp32 (b, L, f + pad), zero-padded: the kernel reads one row per time step."""
-    x = x.to(torch.float32).transpose(1, 2)
-    return (F.pad(x, (0, pad)) if pad else x).contiguous()
+def _arrays(*tensors: Tensor | None) -> tuple[object, ...]:
+    """Buffers for the module (numpy views, strides kept; None stays None): it checks shapes and types."""
+    return tuple(None if t is None else t.detach().numpy() for t in tensors)
+
+
+def _parts(b: int, groups: int, batch_parts: int, group_parts: int) -> list[tuple[int, ...]]:
+    """Each worker's (batch part, channel part, first row, end row, first channel group, end group)."""
+    return [
+        (x, y, *rows, *cols)
+        for x, rows in enumerate(_cuts(b, batch_parts))
+        for y, cols in enumerate(_cuts(groups, group_parts))
+    ]
 
 
 def _compiled_scan(
@@ -494,30 +495,30 @@ def _compiled_scan(
     path: str | None = None,
     chunk: int | None = None,
 ) -> Tensor:
-    """`selective_scan` through the compiled kernel (fp32). Softplus and the bias stay PyTorch ops (and
-    autograd's); channels are zero-padded to a multiple of LANES, which leaves padded states at zero."""
-    dtype_in = u.dtype
-    b, d, length = u.shape
+    """`selective_scan` through the compiled kernel, in fp32, reading the inputs where they lie (no copies
+    unless they are not fp32); only the small A, D and bias are padded to whole channel groups."""
+    dtype_in, (_, d, _) = u.dtype, u.shape
     pad = -d % LANES
+    f32 = torch.float32
 
     def vec(t: Tensor | None) -> Tensor:
-        t = u.new_zeros(d, dtype=torch.float32) if t is None else t.to(torch.float32)
-        return F.pad(t, (0, pad)) if pad else t
+        return F.pad(u.new_zeros(d, dtype=f32) if t is None else t.to(f32), (0, pad))
 
     with torch.autocast(u.device.type, enabled=False):
-        dt = _delta(_kernel_layout(delta, pad), None if delta_bias is None else vec(delta_bias), delta_softplus)
         y = _CompiledScan.apply(
-            _kernel_layout(u, pad),
-            dt.contiguous(),
-            _kernel_layout(A[None], pad)[0],
-            B.to(torch.float32).transpose(1, 2).contiguous(),
-            C.to(torch.float32).transpose(1, 2).contiguous(),
+            u.to(f32),
+            delta.to(f32),
+            F.pad(A.to(f32).t(), (0, pad)).contiguous(),
+            B.to(f32),
+            C.to(f32),
             vec(D),
-            None if z is None else _kernel_layout(z, pad),
+            None if z is None else z.to(f32),
+            vec(delta_bias),
+            delta_softplus,
             chunk or KERNEL_CHUNK,
             path or compiled_path(),
         )
-    return y[..., :d].transpose(1, 2).to(dtype_in)
+    return y.to(dtype_in)
 
 
 @functools.cache

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr.api.asynchronous as za
 from zarr.abc.store import Store
@@ -43,6 +42,7 @@ from storage._zarr_entries import (
     get_attrs,
     meta_key,
     put_group,
+    readinto_crc,
     store_url,
 )
 
@@ -191,7 +191,7 @@ def _read_local_pieces(stored: StoredArray, chunk: int, pieces: list[Piece]) -> 
     row_bytes = stored.payload_bytes // stored.chunk_rows
     path = stored.local / stored.array.metadata.encode_chunk_key(stored.coords(chunk))  # type: ignore[operator]
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; opening is what may fail
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below; opening is what may fail
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         values = stored.missing(chunk)
         for lo, hi, target in pieces:
@@ -202,20 +202,20 @@ def _read_local_pieces(stored: StoredArray, chunk: int, pieces: list[Piece]) -> 
         stored.check_size(chunk, stat.st_size)
         verified = stored.verified_key(chunk, stat)
         whole = len(pieces) == 1 and pieces[0][:2] == (first, first + stored.chunk_rows)
+        short = "shorter than its size (changed while being read)"
         if not stored.checksum or (not whole and verified in VERIFIED):
             for lo, _, target in pieces:
                 view = target.reshape(-1).view(np.uint8)
                 f.seek((lo - first) * row_bytes)
-                if f.readinto(memoryview(view)) != len(view):
-                    raise stored.damage(chunk, "shorter than its size (changed while being read)")
+                if readinto_crc(f, view)[0] != len(view):
+                    raise stored.damage(chunk, short)
             return
-        if whole:
+        if whole:  # straight into the result, checksummed on the way
             view = pieces[0][2].reshape(-1).view(np.uint8)
-            got = f.readinto(memoryview(view))
+            got, computed = readinto_crc(f, view, len(view))
             tail = f.read(4)
             if got != len(view) or len(tail) != 4:
-                raise stored.damage(chunk, "shorter than its size (changed while being read)")
-            computed = google_crc32c.value(view)
+                raise stored.damage(chunk, short)
             if int.from_bytes(tail, "little") != computed:
                 stored_crc = int.from_bytes(tail, "little")
                 raise stored.damage(
@@ -223,9 +223,10 @@ def _read_local_pieces(stored: StoredArray, chunk: int, pieces: list[Piece]) -> 
                 )
         else:
             buf = np.empty(stored.object_bytes, dtype=np.uint8)
-            if f.readinto(memoryview(buf)) != len(buf):
-                raise stored.damage(chunk, "shorter than its size (changed while being read)")
-            values = stored.payload(chunk, buf).view(stored.raw_dtype).reshape(stored.chunks)
+            got, crc = readinto_crc(f, buf, stored.payload_bytes)
+            if got != len(buf):
+                raise stored.damage(chunk, short)
+            values = stored.payload(chunk, buf, crc).view(stored.raw_dtype).reshape(stored.chunks)
             for lo, hi, target in pieces:
                 target[...] = values[lo - first : hi - first]
         VERIFIED.add(verified)

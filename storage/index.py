@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -63,14 +62,13 @@ from storage._zarr_entries import (
     list_children,
     open_stored,
     parse_group_attrs,
+    readinto_crc,
     store_url,
 )
-from storage.catalog import sha256_file
 from storage.errors import MamFusionError
 
 FORMAT = "mamfusion-index"
 VERSION = 1
-MODEL_FILES = ("config.json", "model.pt", "features.json")
 DEFAULT_CHUNK_ROWS = 512  # 512 videos x 33 x 384 fp16 = 13 MB per chunk: big sequential reads, bounded memory
 LOCK_TIMEOUT_S = 300.0  # how long an update waits for another writer's lock before giving up
 STALE_LOCK_S = 600.0  # an object-storage lock older than this was left by a killed writer: taken over
@@ -128,41 +126,6 @@ class IndexConflictError(SearchIndexError):
 
 class IndexAccessError(SearchIndexError):
     """The index cannot be reached or read: credentials, endpoint, permissions."""
-
-
-class ModelDirError(SearchIndexError, FileNotFoundError):
-    """The model directory lacks a file that a published model has."""
-
-
-def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
-    """sha256 over the files that define a published model (weights, config, feature extractors).
-
-    Computed from the bytes, never taken from a name, so retraining into the same directory changes it.
-    """
-    digest = hashlib.sha256()
-    for name in MODEL_FILES:
-        path = Path(model_dir) / name
-        if not path.is_file():
-            raise ModelDirError(f"{path}: missing; a published model directory has {', '.join(MODEL_FILES)}")
-        digest.update(f"{name}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def read_features_json(model_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """The feature store URL and the visual/text extractor fingerprints the model was trained on."""
-    path = Path(model_dir) / "features.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelDirError(f"{path}: missing; it names the feature store the model was trained on") from None
-    except json.JSONDecodeError as e:
-        raise IndexFormatError(f"{path}: not valid JSON ({e})") from None
-    missing = [
-        k for k in ("store", "visual_fingerprint", "text_fingerprint") if not isinstance(info.get(k), str)
-    ]
-    if missing:
-        raise IndexFormatError(f"{path}: field(s) {', '.join(missing)} missing or not a string")
-    return info
 
 
 @dataclass(frozen=True)
@@ -695,10 +658,10 @@ class VideoIndex:
         try:
             if stored.raw_dtype is None:  # not written by this code: zarr's codecs decode it
                 return sync(stored.read_chunk(i))[:n]
-            data, stat = sync(stored.fetch(i, copy=False))
+            data, stat, crc = sync(stored.fetch(i, copy=False))
             if data is None:  # vectors are L2-normalised, never all zeros: a missing chunk is damage
                 raise stored.damage(i, "missing (deleted, or never completely written)")
-            payload = stored.payload(i, data)
+            payload = stored.payload(i, data, crc)
         except DamagedChunkError as exc:
             raise self._damage("vectors", exc) from None
         if stored.checksum:
@@ -833,7 +796,7 @@ async def _read_chunk_rows(
         return
     verified = stored.verified_key(chunk)
     if stored.checksum and verified not in VERIFIED:
-        data, _ = await stored.fetch(chunk, copy=False)
+        data, _, _ = await stored.fetch(chunk, copy=False)
         if data is None:
             raise stored.damage(chunk, "missing (deleted, or never completely written)")
         values = stored.payload(chunk, data).view(stored.raw_dtype).reshape(stored.chunks)
@@ -879,10 +842,10 @@ def _read_local_chunk_rows(
             return
         stored.check_size(chunk, stat.st_size)
         buf = np.empty(stored.object_bytes, dtype=np.uint8)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            got = f.readinto(memoryview(buf))
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            got, crc = readinto_crc(f, buf, stored.payload_bytes)
         stored.check_size(chunk, got)
-        values = stored.payload(chunk, buf).view(stored.raw_dtype).reshape(stored.chunks)
+        values = stored.payload(chunk, buf, crc).view(stored.raw_dtype).reshape(stored.chunks)
         VERIFIED.add(verified)
         for i, offset in zip(picks, offsets, strict=True):
             out[i] = values[offset]

@@ -6,9 +6,10 @@ scalar scores is kept for ranking. Ranks use `tasks.metrics` (pessimistic ties, 
 every result states its gallery and chance level. Non-finite embeddings are refused, naming the videos or
 queries.
 
-Gallery policy: a split's own videos, or ("extended") those plus every other annotated video with features
-as distractors. "auto" extends galleries under MIN_GALLERY videos, except on benchmark data (MS-SL bundles),
-which keeps the published protocol so numbers stay comparable with the paper.
+Gallery policy: a split's own videos, or ("extended") those plus distractor videos from a pool the caller
+names (validation: the training videos; test: every non-test video). "auto" extends galleries under
+MIN_GALLERY videos, except on benchmark data (MS-SL bundles), which keeps the published protocol so numbers
+stay comparable with the paper. Validation never sees test videos.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class EvalResult:
 
 def gallery_distractors(
     split: AnnotationSet,
-    everything: AnnotationSet,
+    pool: AnnotationSet,
     policy: GalleryPolicy,
     annotation_format: str | None,
     extra_video_ids: list[str] | None = None,
@@ -81,8 +82,8 @@ def gallery_distractors(
     own = set(split.video_ids())
     if policy == "auto" and (annotation_format in BENCHMARK_FORMATS or len(own) >= MIN_GALLERY):
         return []
-    pool = [*everything.video_ids(), *(extra_video_ids or [])]
-    return [v for v in dict.fromkeys(pool) if v not in own]
+    ids = [*pool.video_ids(), *(extra_video_ids or [])]
+    return [v for v in dict.fromkeys(ids) if v not in own]
 
 
 def _slice(gallery: VideoEmbedding, index: slice | torch.Tensor) -> VideoEmbedding:

@@ -364,17 +364,30 @@ class SearchBatcher:
     Scoring a batch reads the index once for all its queries, so under load a query costs a fraction of a
     single search; with one client there is no waiting for company, a lone query runs at once. The queue holds
     at most `max_pending` queries: beyond that `submit` raises `BusyError` rather than queueing without bound.
+
+    Convoys: when a batch of N returns, its N clients send their next queries a few milliseconds later, but
+    the queries that arrived meanwhile would start a scan without them, and the N would wait for it: batches
+    then alternate (1, N-1, 1, ... or two halves) and scans serve a fraction of the load each. So the next
+    batch waits for the last batch's clients to come back: up to `linger_s` (and at most a tenth of the last
+    scan's time), until what was queued when it finished plus its size is queued. A lone client never waits:
+    nothing was queued behind its query, and its one query is back at once.
     """
 
     def __init__(
-        self, live: LiveModel, *, max_batch: int = DEFAULT_MAX_BATCH, max_pending: int = DEFAULT_MAX_PENDING
+        self,
+        live: LiveModel,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        linger_s: float = 0.05,
     ) -> None:
-        self.live, self.max_batch, self.max_pending = live, max_batch, max_pending
+        self.live, self.max_batch, self.max_pending, self.linger_s = live, max_batch, max_pending, linger_s
         self._pending: deque[_Job] = deque()
         self._queued = 0
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="mamfusion-search", daemon=True)
+        self._expect, self._last_s = 0, 0.0  # queries the next batch waits for, the last scan's seconds
         self.batches = self.queries = self.largest = 0
 
     def start(self) -> None:
@@ -411,6 +424,10 @@ class SearchBatcher:
         with self._cond:
             while not self._pending and not self._stopped:
                 self._cond.wait()
+            want = min(self.max_batch, self._expect)
+            deadline = time.monotonic() + min(self.linger_s, self._last_s / 10)
+            while self._queued < want and not self._stopped and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
             if self._stopped:
                 for job in self._pending:
                     job.future.set_exception(BusyError("the server is shutting down"))
@@ -438,9 +455,11 @@ class SearchBatcher:
                 job.future.set_exception(error)
             return
         texts = [t for job in jobs for t in job.texts]
+        t0 = time.monotonic()
         try:
             hits = served.searcher.search(texts, max(job.k for job in jobs))
         except Exception as exc:
+            self._expect = 0
             if len(jobs) == 1:
                 jobs[0].future.set_exception(exc)
                 return
@@ -450,6 +469,8 @@ class SearchBatcher:
                 except Exception as one:
                     job.future.set_exception(one)
             return
+        with self._cond:  # before any answer goes out: the queue now holds only queries of other clients
+            self._expect, self._last_s = self._queued + len(texts), time.monotonic() - t0
         self.batches += 1
         self.queries += len(texts)
         self.largest = max(self.largest, len(texts))
@@ -524,7 +545,7 @@ def probe_stream(path: str) -> StreamInfo:
             return StreamInfo(
                 fmt, ctx.name, duration, fps, ctx.width, ctx.height, browser_mime(fmt, ctx.name)
             )
-    except av.FFmpegError as exc:
+    except av.error.FFmpegError as exc:
         raise ServeError(f"{Path(path).name}: cannot be read ({exc})") from None
 
 
@@ -546,12 +567,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiableError(size)
         return max(0, size - n), size - 1
     first = int(m[1])
-    last = int(m[2]) if m[2] else size - 1
-    if last < first:
+    if m[2] and int(m[2]) < first:
         return None
     if first >= size:
         raise RangeNotSatisfiableError(size)
-    return first, min(last, size - 1)
+    return first, min(int(m[2]) if m[2] else size - 1, size - 1)
 
 
 def iter_file(path: str, first: int, last: int, chunk: int = 256 * 1024) -> Iterator[bytes]:
@@ -638,7 +658,7 @@ def transcode_span(path: str, start: float, end: float, width: int = 480) -> Pre
             return _transcode(path, start, end, width, seek=start > 1.0)
         except _NoTimestamps:
             return _transcode(path, start, end, width, seek=False)
-    except (av.FFmpegError, IndexError, ZeroDivisionError) as exc:
+    except (av.error.FFmpegError, IndexError, ZeroDivisionError) as exc:
         raise ServeError(f"{Path(path).name}: cannot make a preview ({exc})") from None
 
 
@@ -727,12 +747,15 @@ class SearchService:
         poll_s: float = 2.0,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
+        linger_s: float = 0.05,
         thumbnail_cache_mb: int = 32,
         preview_cache_mb: int = 128,
     ) -> None:
         self.source = source
         self.live = LiveModel(source, loader, poll_s=poll_s)
-        self.batcher = SearchBatcher(self.live, max_batch=max_batch, max_pending=max_pending)
+        self.batcher = SearchBatcher(
+            self.live, max_batch=max_batch, max_pending=max_pending, linger_s=linger_s
+        )
         self.catalog = _CatalogCache(source.catalog_path)
         self.thumbnails: LRUCache[tuple[Any, ...], bytes] = LRUCache(4096, thumbnail_cache_mb << 20)
         self.previews: LRUCache[tuple[Any, ...], Preview] = LRUCache(256, preview_cache_mb << 20)

@@ -469,17 +469,23 @@ def plan_splits(request: TrainRequest) -> SplitPlan:
     ann = _read(request.annotations, request.annotation_format)
     val_ann = _read(request.val_annotations, request.annotation_format) if request.val_annotations else None
     splits = select_splits(ann, val_ann)
-    everything = ann if val_ann is None else AnnotationSet(ann.queries + val_ann.queries, format=ann.format)
+    # validation never sees test videos; the test gallery borrows every non-test video
+    non_test = splits.train if splits.test is splits.val else _union(splits.train, splits.val)
+    test_ids = set(splits.test.video_ids())
     policy, fmt = request.config.train.eval_gallery, request.annotation_format or ann.format
     extra = list(request.extra_gallery)
     skipped = annotation_skips(ann) + (annotation_skips(val_ann) if val_ann else [])
     return SplitPlan(
         splits,
-        gallery_distractors(splits.val, everything, policy, fmt, extra),
-        gallery_distractors(splits.test, everything, policy, fmt, extra),
+        gallery_distractors(splits.val, splits.train, policy, fmt, [v for v in extra if v not in test_ids]),
+        gallery_distractors(splits.test, non_test, policy, fmt, extra),
         fmt,
         skipped,
     )
+
+
+def _union(a: AnnotationSet, b: AnnotationSet) -> AnnotationSet:
+    return AnnotationSet(a.queries + b.queries, format=a.format)
 
 
 def train_run(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -14,10 +12,7 @@ from storage.index import (
     IndexFormatError,
     IndexModelMismatchError,
     IndexNotFoundError,
-    ModelDirError,
     VideoIndex,
-    model_fingerprint,
-    read_features_json,
 )
 from tasks.scan import scan_topk
 
@@ -164,45 +159,6 @@ def test_read_rows_reads_scattered_rows_in_any_order(tmp_path):
     assert index.read_rows(np.array([], dtype=np.int64)).shape == (0, CLIPS + 1, vectors.shape[-1])
     with pytest.raises(IndexError, match=r"rows must be in \[0, 11\), got 2..11"):
         index.read_rows(np.array([2, 11]))
-
-
-def _model_dir(path):
-    path.mkdir()
-    (path / "config.json").write_text("{}")
-    (path / "model.pt").write_bytes(b"weights")
-    (path / "features.json").write_text(
-        json.dumps({"store": "s", "visual_fingerprint": "v", "text_fingerprint": "t"})
-    )
-    return path
-
-
-def test_model_fingerprint_follows_file_bytes(tmp_path):
-    model = _model_dir(tmp_path / "m")
-    first = model_fingerprint(model)
-    assert model_fingerprint(model) == first
-    copy = _model_dir(tmp_path / "copy")  # same bytes elsewhere: same model
-    assert model_fingerprint(copy) == first
-    for name, data in (("model.pt", b"retrained"), ("config.json", '{"a": 1}'), ("features.json", "{}")):
-        other = _model_dir(tmp_path / f"changed-{name}")
-        target = other / name
-        target.write_bytes(data) if isinstance(data, bytes) else target.write_text(data)
-        assert model_fingerprint(other) != first, name
-
-
-def test_model_dir_errors(tmp_path):
-    model = _model_dir(tmp_path / "m")
-    (model / "model.pt").unlink()
-    with pytest.raises(ModelDirError, match="model.pt: missing"):
-        model_fingerprint(model)
-    (model / "features.json").write_text('{"store": "s"}')
-    with pytest.raises(IndexFormatError, match="visual_fingerprint, text_fingerprint missing"):
-        read_features_json(model)
-    (model / "features.json").write_text("{oops")
-    with pytest.raises(IndexFormatError, match="not valid JSON"):
-        read_features_json(model)
-    (model / "features.json").unlink()
-    with pytest.raises(ModelDirError, match="features.json: missing"):
-        read_features_json(model)
 
 
 def test_index_on_a_loopback_s3_server(s3_bucket):

@@ -1,4 +1,5 @@
-"""The pure-PyTorch Mamba block and its chunked selective scan, against independent references.
+"""The pure-PyTorch Mamba block and its selective scans (chunked, and compiled where built), against
+independent references. tests/test_selective_scan_ext.py has the compiled kernel's own cases.
 
 Relative error is ||got - want|| / ||want|| over the whole tensor. Long-L cases use a small d_inner so the
 sequential references stay fast.
@@ -15,9 +16,13 @@ import torch.nn.functional as F
 import models.mamba as mamba_module
 import models.selective_scan as scan_module
 from models.mamba import Mamba, selective_scan, sequential_selective_scan
+from models.selective_scan import CompiledScanUnavailableError, compiled_paths
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+NOT_BUILT = pytest.mark.skipif(not compiled_paths(), reason="compiled selective scan not built here")
+# the CPU scans: `torch` (chunked) always, `compiled` where the install built it (fp32 compute)
+CPU_IMPLS = ["torch", pytest.param("compiled", marks=NOT_BUILT)]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -79,7 +84,11 @@ def test_both_scans_match_a_hand_written_loop(length: int) -> None:
     for fn in (sequential_selective_scan, selective_scan):
         got = fn(**inputs, delta_softplus=True).detach()
         assert rel_err(got, want) < 1e-12, fn.__name__
-    assert rel_err(selective_scan(**inputs, delta_softplus=True, chunk_size=2).detach(), want) < 1e-12
+    chunked = selective_scan(**inputs, delta_softplus=True, chunk_size=2, impl="torch").detach()
+    assert rel_err(chunked, want) < 1e-12
+    if compiled_paths():  # fp32 compute
+        inputs32 = {k: v.detach().float() for k, v in inputs.items()}
+        assert rel_err(selective_scan(**inputs32, delta_softplus=True, impl="compiled").double(), want) < 1e-6
 
 
 CASES = [(1, 4), (7, 3), (32, 32), (32, 5), (512, 32), (512, 100), (1024, 32)]
@@ -94,7 +103,7 @@ def test_chunked_scan_equals_sequential_forward_and_gradients(
     inputs = scan_inputs(3, d, 4, length, dtype, seed=length)
     gy = torch.randn(3, d, length, generator=torch.Generator().manual_seed(1), dtype=dtype)
     y_ref, g_ref = run(sequential_selective_scan, inputs, gy)
-    y, g = run(selective_scan, inputs, gy, chunk_size=chunk)
+    y, g = run(selective_scan, inputs, gy, chunk_size=chunk, impl="torch")
     assert y.dtype == dtype
     assert rel_err(y, y_ref) < TOL[dtype]
     for name in NAMES:
@@ -108,7 +117,7 @@ def test_backward_row_groups_and_optional_arguments(monkeypatch: pytest.MonkeyPa
     inputs = {k: inputs[k] for k in ("u", "A", "B", "C")} | {"delta": F.softplus(inputs["delta"]).detach()}
     inputs["delta"].requires_grad_()
     y_ref = sequential_selective_scan(**inputs)
-    y = selective_scan(**inputs, chunk_size=8)
+    y = selective_scan(**inputs, chunk_size=8, impl="torch")
     assert rel_err(y, y_ref) < 1e-12
     g_ref = torch.autograd.grad(y_ref.sum(), list(inputs.values()))
     g = torch.autograd.grad(y.sum(), list(inputs.values()))
@@ -116,19 +125,21 @@ def test_backward_row_groups_and_optional_arguments(monkeypatch: pytest.MonkeyPa
         assert rel_err(a, b) < 1e-10, name
 
 
-def test_strong_decays_stay_finite_and_exact() -> None:
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_strong_decays_stay_finite_and_exact(impl: str) -> None:
     """delta * A down to about -300 per step: exp underflows to 0 (fine) but nothing overflows."""
     inputs = scan_inputs(2, 8, 16, 200, torch.float32, bias=20.0)
     y_ref, g_ref = run(sequential_selective_scan, inputs)
-    y, g = run(selective_scan, inputs, chunk_size=16)
+    y, g = run(selective_scan, inputs, chunk_size=16, impl=impl)
     assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in g.values())
     assert rel_err(y, y_ref) < 1e-4
     for name in NAMES:
         assert rel_err(g[name], g_ref[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("length", "valid"), [(32, 19), (512, 300), (1024, 1000)])
-def test_end_padding_never_changes_valid_positions(length: int, valid: int) -> None:
+def test_end_padding_never_changes_valid_positions(length: int, valid: int, impl: str) -> None:
     full = scan_inputs(2, 6, 4, length, torch.float32, seed=3)
     alone = {
         k: (v[:1, ..., :valid] if v.dim() == 3 else v).detach().clone().requires_grad_()
@@ -139,22 +150,25 @@ def test_end_padding_never_changes_valid_positions(length: int, valid: int) -> N
         padded[k][1, ..., :valid] = padded[k][0, ..., :valid]
         padded[k][1, ..., valid:] = 0
     padded = {k: v.requires_grad_() for k, v in padded.items()}
-    y_alone, g_alone = run(selective_scan, alone)
+    y_alone, g_alone = run(selective_scan, alone, impl=impl)
     mask = torch.zeros(2, 1, length)
     mask[1, :, :valid] = 1
-    y_pad, g_pad = run(selective_scan, padded, mask.expand(2, 6, length))
+    y_pad, g_pad = run(selective_scan, padded, mask.expand(2, 6, length), impl=impl)
     assert rel_err(y_pad[1:, :, :valid], y_alone) < 1e-6
     for k in ("u", "delta", "B", "C", "z"):
         assert rel_err(g_pad[k][1:, ..., :valid], g_alone[k]) < 1e-5, k
         assert (g_pad[k][1:, ..., valid:] == 0).all(), k
 
 
-def test_scan_rejects_bad_shapes() -> None:
+@pytest.mark.parametrize("impl", ["auto", *CPU_IMPLS])
+def test_scan_rejects_bad_shapes(impl: str) -> None:
     inputs = {k: v.detach() for k, v in scan_inputs(2, 3, 4, 5, torch.float32).items()}
     with pytest.raises(ValueError, match="B must be"):
-        selective_scan(**(inputs | {"B": inputs["B"][:, :, :4]}))
+        selective_scan(**(inputs | {"B": inputs["B"][:, :, :4]}), impl=impl)
     with pytest.raises(ValueError, match="A must be"):
-        selective_scan(**(inputs | {"A": inputs["A"][:2]}))
+        selective_scan(**(inputs | {"A": inputs["A"][:2]}), impl=impl)
+    with pytest.raises(ValueError, match="impl must be"):
+        selective_scan(**inputs, impl="fast")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------- Mamba block
@@ -263,6 +277,44 @@ def test_impl_switch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         Mamba(8, impl="cuda")(x)
 
 
+def test_block_impls_pick_their_cpu_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto takes the compiled scan on CPU where built, torch never does; compiled needs it built."""
+    calls: list[str] = []
+    original = scan_module._compiled_scan
+
+    def spy(*args, **kwargs):
+        calls.append("compiled")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "_compiled_scan", spy)
+    x = torch.randn(2, 9, 8)
+    Mamba(8, impl="torch")(x)
+    assert calls == []
+    Mamba(8, impl="auto")(x)
+    assert calls == (["compiled"] if compiled_paths() else [])
+    if compiled_paths():
+        Mamba(8, impl="compiled")(x)
+        assert calls == ["compiled", "compiled"]
+    else:
+        with pytest.raises(CompiledScanUnavailableError, match="not part of this installation"):
+            Mamba(8, impl="compiled")
+
+
+@NOT_BUILT
+def test_block_compiled_path_matches_torch_path_with_gradients() -> None:
+    torch.manual_seed(0)
+    compiled, ours = Mamba(20, d_state=16, impl="compiled"), Mamba(20, d_state=16, impl="torch")  # d_inner 40
+    ours.load_state_dict(compiled.state_dict())
+    x = torch.randn(3, 77, 20, requires_grad=True)
+    gy = torch.randn(3, 77, 20)
+    y_c, y_t = compiled(x), ours(x)
+    assert rel_err(y_c, y_t) < 1e-5
+    got = torch.autograd.grad(y_c, [x, *compiled.parameters()], gy)
+    want = torch.autograd.grad(y_t, [x, *ours.parameters()], gy)
+    for name, a, b in zip(["x", *dict(ours.named_parameters())], got, want, strict=True):
+        assert rel_err(a, b) < 1e-5, name
+
+
 # ------------------------------------------------------------------------------------------- CUDA (marked)
 
 
@@ -281,6 +333,30 @@ def test_fused_kernel_matches_our_scan_on_cuda() -> None:
         torch.testing.assert_close(y_cuda, y_ours, rtol=6e-4, atol=2e-3)
         for name in NAMES:
             torch.testing.assert_close(g_cuda[name], g_ours[name], rtol=6e-4, atol=2e-3, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ours", ["chunked-cuda", pytest.param("compiled-cpu", marks=NOT_BUILT)])
+def test_mamba_ssm_kernel_matches_our_scans_at_mamfusion_sizes(ours: str) -> None:
+    """MamFusion's d_inner 768 / d_state 16 at the clip (32) and frame (512) lengths, random output gradient:
+    mamba_ssm's fused CUDA kernel vs the chunked scan on CUDA or the compiled scan on CPU."""
+    pytest.importorskip("mamba_ssm")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    for length in (32, 512):
+        base = {k: v.detach() for k, v in scan_inputs(2, 768, 16, length, torch.float32, seed=length).items()}
+        gy = torch.randn(2, 768, length, generator=torch.Generator().manual_seed(2))
+        y_cuda, g_cuda = run(
+            selective_scan_fn, {k: v.cuda().requires_grad_() for k, v in base.items()}, gy.cuda()
+        )
+        device, impl = ("cuda", "torch") if ours == "chunked-cuda" else ("cpu", "compiled")
+        inputs = {k: v.to(device).requires_grad_() for k, v in base.items()}
+        y, g = run(selective_scan, inputs, gy.to(device), impl=impl)
+        torch.testing.assert_close(y_cuda.cpu(), y.cpu(), rtol=6e-4, atol=2e-3)
+        assert rel_err(y.cpu(), y_cuda.cpu()) < 1e-4
+        for name in NAMES:
+            torch.testing.assert_close(g_cuda[name].cpu(), g[name].cpu(), rtol=6e-4, atol=2e-3, msg=name)
+            assert rel_err(g[name].cpu(), g_cuda[name].cpu()) < 1e-3, name
 
 
 @pytest.mark.gpu

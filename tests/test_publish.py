@@ -236,3 +236,16 @@ def test_two_processes_publishing_at_once_leave_the_better_model_current(tmp_pat
     else:
         assert b.promoted and b.champion_version is None
         assert a.promoted and (a.champion_version, a.champion_sumr) == ("v-b", 300.0)
+
+
+def test_model_fingerprint_follows_file_bytes(tmp_path):
+    first = make_run(tmp_path / "a", "m").fingerprint()
+    again = make_run(tmp_path / "b", "m")  # same bytes elsewhere: same model
+    assert again.fingerprint() == first
+    for name, data in (("model.pt", b"retrained"), ("config.json", b'{"a": 1}'), ("features.json", b"{}")):
+        other = make_run(tmp_path / f"changed-{name}", "m")
+        (other.path / name).write_bytes(data)
+        assert other.fingerprint() != first, name
+    (again.path / "model.pt").unlink()
+    with pytest.raises(RegistryError, match="model.pt: missing"):
+        again.fingerprint()

@@ -258,9 +258,9 @@ def test_partial_pack_reads_check_a_chunk_once_and_notice_a_rewrite(
     whole_reads = []
     payload = _zarr_entries.StoredArray.payload
 
-    def counting(self: _zarr_entries.StoredArray, i: int, data: np.ndarray) -> np.ndarray:
+    def counting(self: _zarr_entries.StoredArray, i: int, *args: object) -> np.ndarray:
         whole_reads.append((self.path.rsplit("/", 1)[-1], i))
-        return payload(self, i, data)
+        return payload(self, i, *args)
 
     monkeypatch.setattr(_zarr_entries.StoredArray, "payload", counting)
     fresh = FeatureStore(url, read_only=True)
@@ -338,6 +338,17 @@ def test_verify_lists_damage_and_repair_drops_it_so_extraction_redoes_it(
     f = feats(2)
     fresh.write_video(sha(2), FP, f, times(len(f)), video_id="vid2")  # the next extraction writes it again
     np.testing.assert_array_equal(FeatureStore(url).read_video(sha(2), FP).features, f)
+
+
+def test_verify_of_a_missing_store_is_a_user_error_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.zarr"
+    assert cli.main(["store", "verify", str(missing), "--repair"]) == 2
+    assert f"no feature store at {missing}" in capsys.readouterr().err
+    assert not missing.exists()
+    assert cli.main(["store", "verify", "--index", str(missing)]) == 2
+    assert "no search index" in capsys.readouterr().err
 
 
 def test_verify_on_a_read_only_store_never_writes_and_repair_is_refused(tmp_path: Path) -> None:
@@ -608,7 +619,7 @@ def test_index_read_rows_checks_each_chunk_once(tmp_path: Path, monkeypatch: pyt
     whole = []
     payload = _zarr_entries.StoredArray.payload
     monkeypatch.setattr(
-        _zarr_entries.StoredArray, "payload", lambda self, i, d: whole.append(i) or payload(self, i, d)
+        _zarr_entries.StoredArray, "payload", lambda self, i, *a: whole.append(i) or payload(self, i, *a)
     )
     np.testing.assert_array_equal(index.read_rows(np.array([1, 2, 9])), stored[[1, 2, 9]])
     assert sorted(whole) == [0, 2]  # one whole read per chunk touched

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _annotations(model: ModelDir, split: str) -> tuple[AnnotationSet, AnnotationSet]:
-    """(the split's queries, every query the model's annotation files hold); 'val' may be the val file."""
+    """(the split's queries, the distractor pool: queries of other splits except test); 'val' may be the
+    val file."""
     source = model.read_features()
     if source.annotations is None:
         raise DataError(f"{model.features_file} names no annotation file; use --captions FILE")
@@ -52,10 +53,11 @@ def _annotations(model: ModelDir, split: str) -> tuple[AnnotationSet, Annotation
         val = read_annotations(source.val_annotations, fmt, skip_malformed=True)
         everything = AnnotationSet(ann.queries + val.queries, format=ann.format)
         if split == "val":
-            return val, everything
+            return val, AnnotationSet([q for q in ann.queries if q.split != "test"], format=ann.format)
     if split not in {q.split for q in ann.queries}:
         raise DataError(f"{source.annotations} has no split {split!r}; use --captions FILE")
-    return ann.split(split), everything
+    pool = [q for q in everything.queries if q.split not in {split, "test"}]
+    return ann.split(split), AnnotationSet(pool, format=ann.format)
 
 
 def evaluate_model(

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue", type=_positive, default=256, help="queued queries before answering 503 (default 256)"
     )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        help="CPU threads for scoring (default: torch's, one per core; on a machine busy with other work, "
+        "fewer avoid oversubscribed threads spinning)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from tasks.serve import ModelSource, SearchService, default_loader
 
     check_bind(args.host, args.token)  # before loading anything: a refused bind costs nothing
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     source = ModelSource.from_path(args.model, args.catalog)
     service = SearchService(
         source,

@@ -50,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "up":
         print(f"Prefect API {state['api_url']}; started {', '.join(state['started']) or 'nothing (reused)'}")
         print(f"export PREFECT_API_URL={state['api_url']}")
-        print("prefect deployment run mamfusion/full-pipeline")
+        print("prefect deployment run mamfusion/demo   # the bundled demo corpus")
+        print(
+            "prefect deployment run mamfusion/full-pipeline "
+            """--param params='{"videos": "DIR", "annotations": "FILE"}'"""
+        )
         print(f"stop with: mamfusion server down --home {args.home}")
     elif args.action == "down":
         print(f"stopped: {', '.join(state['stopped']) or 'nothing'}")

@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     if args.index or is_index(target, args.storage_options):
         report = verify_index(target, repair=args.repair, storage_options=args.storage_options)
     else:
-        store = FeatureStore(target, args.storage_options, read_only=not args.repair)
+        store = FeatureStore(target, args.storage_options, read_only=True)  # a missing store is not created
+        if args.repair:
+            store = FeatureStore(target, args.storage_options)
         report = store.verify(repair=args.repair)
     if args.json:
         print(json.dumps(report.to_dict()))
