@@ -20,7 +20,7 @@ setup(
             "models._selective_scan",
             sources=["models/_selective_scan.c"],
             depends=["models/_selective_scan_kernel.h"],
-            extra_compile_args=["-O3", "-Wno-psabi"],
+            extra_compile_args=["-O3"],
             optional=True,
         ),
     ]

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if local is not None and not args.keep_server:
             down(local.home)
     print(f"\ndemo finished in {time.monotonic() - t0:.0f} s")
+    print(
+        f"search the demo in a browser: mamfusion serve --model {out / 'pipeline'}   (then open http://127.0.0.1:8000/)"
+    )
     if args.keep_server and local is not None:
         print(f"server and worker still running; stop them with: mamfusion server down --home {local.home}")
         print(f"to use this server from a shell: export PREFECT_API_URL={local.api_url}")

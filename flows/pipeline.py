@@ -455,6 +455,11 @@ def _artifacts(
     record = outcome.record
     if record is not None and record.champion_sumr is not None:
         rows.append({"row": f"champion {record.champion_version}", "sumr": round(record.champion_sumr, 2)})
+    if challenger.moments is not None:
+        m = challenger.moments
+        for label, t in (("moment: span rule", m.span), ("moment: single clip", m.single_clip)):
+            rows.append({"row": label, "mean_iou": round(t.mean_iou, 3), "r1_iou5": round(t.r1_iou5, 2)})
+        rows.append({"row": "moment: chance", "mean_iou": round(m.chance.mean_iou, 3)})
     create_table_artifact(
         rows,
         key="mamfusion-metrics",

@@ -3,25 +3,26 @@
  * Built when the package is installed (setup.py, an optional extension: without a C compiler the install still
  * succeeds and models/selective_scan.py runs its chunked PyTorch scan). Nothing is compiled at run time.
  *
- * Per batch row i, channel c and state s (h = 0 before t = 0):
- *   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,   y_t = (sum_s C_t,s h_t,s + D u_t) * (z_t sigmoid(z_t) if z)
- * dt already holds softplus(delta + bias) (done by PyTorch, which also differentiates it).
+ * Per batch row i, channel c and state s (h = 0 before t = 0), with dt = softplus(delta + bias):
+ *   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,   y_t = (sum_s C_t,s h_t,s + D u_t) * silu(z_t)   (z optional)
+ * and the backward gives the gradients of every input (u, delta, A, B, C, D, z, bias).
  *
- * Layout: u, dt, z, y and their gradients are (b, L, d) with channels innermost; B, C are (b, L, n); A is (n, d).
- * One work item is (batch row, group of LANES adjacent channels): it walks L sequentially, its states held as
- * n vectors of LANES channels (in registers where the ISA has enough), so each time step reads one cache line
- * per (b, L, d) tensor and the (b, L, n, d) state tensor never exists. Items are independent: the Python side
- * splits them over threads, each call releasing the GIL.
+ * Parallel over (batch row x channels), sequential over L: one work item is a batch row and W adjacent
+ * channels, W floats being one vector register of the path (16, 8 or 4), so the state of a (row, channel)
+ * pair over d_state is d_state vectors (registers, for d_state 16, where the ISA has 32 of them) and the
+ * (b, L, d_state, d_inner) state tensor never exists. Time is cut into chunks: a chunk's inputs are gathered
+ * into W-wide tiles first, whatever the tensors' strides (one vector load per step where channels are
+ * adjacent, as in the Mamba block's (b, L, d) memory; W scalar loads in mamba_ssm's (b, d, L) layout), and
+ * its outputs scattered back, so callers never copy. The forward keeps the state entering every chunk; the
+ * backward walks the chunks last to first, re-runs each chunk's forward from its kept state into a
+ * chunk-sized buffer (states, decays), then runs the adjoint recurrence back through it. Sums over channels
+ * (dB, dC) are kept per lane for the chunk and reduced once; sums over rows and time (dA, dD, d(bias)) per
+ * chunk, then added up. The Python side splits items over threads, each call releasing the GIL.
  *
- * The forward stores the state entering every `chunk` steps; the backward walks chunks last to first, re-runs
- * each chunk's forward from its stored state into a chunk-sized buffer (states and decays), then runs the
- * adjoint recurrence back through it. Sums over channels (dB, dC) are accumulated per lane into
- * (b, L, n, LANES) buffers and sums over batch and time (dA, dD) per item; Python adds the lanes up.
- *
- * Vectors are GCC/Clang vector extensions of LANES floats. The module is built for the architecture's
- * baseline (no -march=native) and each path is the same code compiled for its own instruction set with a
- * target attribute, chosen at run time from what the CPU reports: AVX-512F, AVX2 + FMA, or portable (SSE2 /
- * NEON, where the compiler splits each vector into several registers).
+ * The kernels are written once (_selective_scan_kernel.h) over GCC/Clang vector extensions and included
+ * once per path, each compiled for its own instruction set with a target attribute. The module is built
+ * for the architecture's baseline (no -march=native) and picks the path at run time from what the CPU
+ * reports: AVX-512F, else AVX2 + FMA, else portable (SSE2 on x86-64, NEON on ARM: the only path elsewhere).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

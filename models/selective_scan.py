@@ -372,6 +372,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mamfusion-selective-scan")
 
 
+# A forked child inherits the pools' bookkeeping but not their threads: it starts pools of its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def _grid(b: int, groups: int, length: int) -> tuple[int, int]:
     """Workers as (batch parts, channel-group parts): torch's intra-op thread count, fewer for small scans.
 

@@ -368,7 +368,7 @@ class SearchBatcher:
     Convoys: when a batch of N returns, its N clients send their next queries a few milliseconds later, but
     the queries that arrived meanwhile would start a scan without them, and the N would wait for it: batches
     then alternate (1, N-1, 1, ... or two halves) and scans serve a fraction of the load each. So the next
-    batch waits for the last batch's clients to come back: up to `linger_s` (and at most a tenth of the last
+    batch waits for the last batch's clients to come back: up to `linger_s` (and at most a quarter of the last
     scan's time), until what was queued when it finished plus its size is queued. A lone client never waits:
     nothing was queued behind its query, and its one query is back at once.
     """
@@ -425,7 +425,7 @@ class SearchBatcher:
             while not self._pending and not self._stopped:
                 self._cond.wait()
             want = min(self.max_batch, self._expect)
-            deadline = time.monotonic() + min(self.linger_s, self._last_s / 10)
+            deadline = time.monotonic() + min(self.linger_s, self._last_s / 4)
             while self._queued < want and not self._stopped and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             if self._stopped:

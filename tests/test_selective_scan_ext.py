@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import types
 
 import pytest
@@ -386,3 +388,25 @@ def test_block_under_autocast_and_odd_widths_use_the_kernel() -> None:
     assert rel_err(y.float(), ref(x)) < 3e-2
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in m.parameters())
     assert math.isfinite(float(y.detach().float().sum()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_scans_with_threads_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked worker (multiprocessing, DataLoader) scans on threads of its own, not the parent's pool."""
+    monkeypatch.setattr(scan_module, "MIN_STEPS_PER_THREAD", 1)
+    inputs = {k: v.detach() for k, v in scan_inputs(4, 32, 16, 40, torch.float32).items()}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = selective_scan(**inputs, delta_softplus=True, impl="compiled")  # the parent's pool now exists
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_scan_in_child, (inputs,)).get(timeout=60)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, want)
+
+
+def _scan_in_child(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    torch.set_num_threads(2)
+    return selective_scan(**inputs, delta_softplus=True, impl="compiled")

@@ -645,16 +645,29 @@ def test_hot_swap_to_a_newer_current_while_requests_are_in_flight(tmp_path, text
 
 
 def test_a_version_whose_index_is_not_built_yet_is_not_swapped_in(tmp_path, text_encoder):
+    """The pipeline moves `current` before it indexes: the server keeps the old model until the index is
+    complete (an incomplete one would answer from a part of the gallery), and a missing one is reported."""
+    from storage.index import VideoIndex
+
     gallery = ServeGallery(tmp_path)
     with running(gallery.output, poll_s=0.05) as (client, service):
-        directory = gallery.publish("v2", seed=1, make_current=False)
-        shutil.rmtree(directory / "index.zarr")  # the pipeline moves `current` before it indexes
+        v2 = gallery.publish("v2", seed=1, make_current=False)
+        VideoIndex.open(str(v2 / "index.zarr"), mode="r+").set_complete(False)  # a build in progress
         gallery.registry.set_current("v2")
-        _wait(lambda: service.live.problem is not None, what="the missing index to be noticed")
+        _wait(lambda: "being built" in (service.live.problem or ""), what="the incomplete index")
+        time.sleep(0.3)  # several polls
         assert client.json("GET", "/api/search?q=dog")["version"] == "v1"
+        VideoIndex.open(str(v2 / "index.zarr"), mode="r+").set_complete(True)
+        _wait(lambda: client.json("GET", "/healthz")["version"] == "v2", what="the swap once complete")
+
+        v3 = gallery.publish("v3", seed=2, make_current=False)
+        shutil.rmtree(v3 / "index.zarr")
+        gallery.registry.set_current("v3")
+        _wait(lambda: "no search index" in (service.live.problem or ""), what="the missing index")
+        assert client.json("GET", "/api/search?q=dog")["version"] == "v2"
         assert "no search index" in client.json("GET", "/api/status")["problem"]
-        build_index(directory, gallery.store, catalog=gallery.catalog, dtype="float32")
-        _wait(lambda: client.json("GET", "/healthz")["version"] == "v2", what="the swap once indexed")
+        build_index(v3, gallery.store, catalog=gallery.catalog, dtype="float32")
+        _wait(lambda: client.json("GET", "/healthz")["version"] == "v3", what="the swap once indexed")
         assert client.json("GET", "/api/status")["problem"] is None
 
 

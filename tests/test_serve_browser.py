@@ -3,8 +3,8 @@
 Types a query, checks the results (thumbnails decoded, a timeline per hit), clicks the first hit and checks
 the player lands inside the matched span and stops at its end; then the MPEG-4 Part 2 AVI (which Chromium
 cannot play) through the server's H.264 preview, the frame-strip fallback when even that fails, and the
-visible states for an empty query and for a server with no model yet. `make test` installs Chromium
-(`make browser`); without it the test is skipped locally and fails on CI. A screenshot goes to
+visible states for an empty query, a server error and a server with no model yet. `make test` installs
+Chromium (`make browser`); without it the test is skipped locally and fails on CI. A screenshot goes to
 $MAMFUSION_SERVE_SCREENSHOT, or the test's tmp folder.
 """
 
@@ -131,6 +131,19 @@ def test_search_page_in_chromium(tmp_path, browser):
                 ".every(i => i.complete && i.naturalWidth > 0)"
             )
             assert page.locator("#strip img").count() == 6 and page.is_hidden("#video")
+
+            page.route(  # a server error is shown with its message, and the old results are cleared
+                "**/api/search?*",
+                lambda route: route.fulfill(
+                    status=500, content_type="application/json", body='{"detail":"boom"}'
+                ),
+            )
+            page.press("#q", "Enter")
+            page.wait_for_function(
+                "() => document.getElementById('message').dataset.state === 'server-error'"
+            )
+            assert page.inner_text("#message") == "Server error (500): boom"
+            assert page.locator("#results li").count() == 0 and page.is_enabled("#go")
             assert problems == []
             page.close()
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from flows.params import DEFAULT_OUTPUT, DEFAULT_STORE, DEFAULT_VIDEOS, PipelineParams
 from models.config import ConfigError, parse_overrides
-from storage.registry import RetrievalMetrics
+from storage.registry import RunMetrics
 from tasks.metrics import format_metrics
 
 HELP = "run the whole pipeline (scan, extract, train, evaluate, publish, index) as a Prefect flow"
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     elif result["status"] == "nothing-new":
         print(f"nothing new; current model {result['current']}")
     else:
-        print(format_metrics(RetrievalMetrics.model_validate(result["metrics"])))
+        print(format_metrics(RunMetrics.model_validate(result["metrics"])))
         if result["version"] is None:
             print(f"no new version: {result['reason']}; current model {result['current']}")
         else:
