@@ -1,6 +1,7 @@
-"""Build hook for the one compiled part of mamfusion; everything else is configured in pyproject.toml.
+"""Build hook for the compiled parts of mamfusion; everything else is configured in pyproject.toml.
 
-The fused search kernel (tasks/_scan_fp16.c) is an optional extension: `pip install -e .` builds it in place
+The fused search kernel (tasks/_scan_fp16.c) and the fused CPU selective scan (models/_selective_scan.c) are
+optional extensions. The search kernel: `pip install -e .` builds it in place
 next to tasks/scan.py, and where no C compiler works the install still succeeds and search uses the
 matrix-product kernel. It is compiled for the architecture's baseline and picks its vector path at run time,
 so one build (or wheel) serves every CPU of an architecture.

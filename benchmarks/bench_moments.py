@@ -59,7 +59,8 @@ def main() -> None:
     test = load_split(store, annotations, "test", *fps)
 
     print(
-        f"demo corpus: {args.videos} videos; val {len(val.queries)} queries, test {len(test.queries)} queries\n"
+        f"demo corpus: {args.videos} videos; val {len(val.queries)} queries, "
+        f"test {len(test.queries)} queries\n"
     )
     print("Validation (choosing the margin):\n")
     print("| grow margin | mean IoU | R@1 IoU≥0.3 | R@1 IoU≥0.5 | R@1 IoU≥0.7 |")
@@ -74,7 +75,8 @@ def main() -> None:
     m = evaluate(model, test, details=False, span_rule=SpanRule("grow", best)).metrics.moments
     assert m is not None
     print(
-        f"\nTest split ({m.n_queries} queries, mean true length {m.mean_true_length:.1f} s), margin {best:g}:\n"
+        f"\nTest split ({m.n_queries} queries, mean true length {m.mean_true_length:.1f} s), "
+        f"margin {best:g}:\n"
     )
     print("| rule | mean IoU | R@1 IoU≥0.3 | R@1 IoU≥0.5 | R@1 IoU≥0.7 |")
     print("|---|---:|---:|---:|---:|")

@@ -30,8 +30,8 @@ class _Strict(BaseModel):
 class MamFusionConfig(_Strict):
     """Architecture and loss settings (official names in comments where they differ)."""
 
-    visual_dim: int = Field(1024, gt=0, le=1 << 20, description="Dv, per-row visual feature size (v_feat_size)")
-    query_dim: int = Field(1024, gt=0, le=1 << 20, description="Dq, per-token text feature size (q_feat_size)")
+    visual_dim: int = Field(1024, gt=0, le=1 << 20, description="Dv, per-row visual feature size")
+    query_dim: int = Field(1024, gt=0, le=1 << 20, description="Dq, per-token text feature size")
     hidden_size: int = Field(384, gt=0, le=1 << 16)
     n_heads: int = Field(8, gt=0, le=1024)
     input_drop: float = Field(0.2, ge=0.0, lt=1.0)
@@ -53,7 +53,7 @@ class MamFusionConfig(_Strict):
     mamba_d_state: int = Field(16, gt=0)
     mamba_d_conv: int = Field(4, gt=0)
     mamba_expand: int = Field(2, gt=0)
-    mamba_impl: Literal["auto", "torch", "cuda"] = "auto"
+    mamba_impl: Literal["auto", "torch", "compiled", "cuda"] = "auto"
 
     def model_post_init(self, __context: Any) -> None:
         if self.hidden_size % self.n_heads:

@@ -145,7 +145,7 @@ class Mamba(nn.Module):
         elif kernels:
             x = F.silu(self.conv1d(x)[..., :length])
         else:  # the same values laid out (b, L, d): the compiled scan then reads and writes whole vectors
-            x = F.silu(self.conv1d(x)[..., :length].transpose(1, 2)).transpose(1, 2)
+            x = F.silu(self.conv1d(x)[..., :length].transpose(1, 2).contiguous()).transpose(1, 2)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()  # the bias goes inside the softplus, as delta_bias
         dt, B, C = (t.transpose(1, 2) for t in (dt, B, C))

@@ -9,12 +9,15 @@ never divided, so nothing overflows (strong decays underflow to 0, which is exac
 recomputes states per row group instead of keeping the (batch, L, d_state, d_inner) tensors autograd would.
 
 Where the install built it, a compiled kernel (`models._selective_scan`, `_selective_scan.c`) does the same
-scan fused: sequential over L per (batch row, 16 channels), states in registers, SIMD across channels, the
-backward re-running the forward per chunk from stored chunk-boundary states. `selective_scan(impl="auto")`
-uses it for fp32-or-narrower CPU inputs; the chunked scan stays the fallback (CUDA tensors, fp64, no
-compiler at install time) and, with the sequential scan, the reference the kernel is tested against. The
-kernel is loaded from this package's directory only, nothing is compiled at run time, and it picks its
-vector path (AVX-512, AVX2 + FMA, portable C) from the CPU at run time, as tasks/scan.py's search kernel does.
+scan fused, softplus and gate included: sequential over L per (batch row, one vector of channels), states
+in registers, reading the inputs where they lie (any strides), the backward re-running the forward per
+chunk from kept chunk-boundary states; rows and channel groups are split over torch's intra-op thread count
+(the module releases the GIL). `selective_scan(impl="auto")` uses it for fp32-or-narrower CPU inputs; the
+chunked scan stays the fallback (CUDA tensors, fp64, no compiler at install time) and, with the sequential
+scan, the reference the kernel is tested against. The kernel is loaded from this package's directory only,
+nothing is compiled at run time, and it picks its vector path (AVX-512, AVX2 + FMA, portable C) from the
+CPU at run time, as tasks/scan.py's search kernel does; each path checks itself once against the chunked
+scan before its first use.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ EXTENSION = "models._selective_scan"
 PACKAGE_DIR = Path(__file__).resolve().parent
 PATHS = ("avx512", "avx2", "portable")  # every path the kernel has, best first (x86 has all three)
 PATH_ENV = "MAMFUSION_SCAN_PATH"  # forces one of PATHS
-LANES = 16  # channels per work item (the C module's LANES); A, D and the bias are zero-padded to a multiple
+LANES = 16  # unit of the thread split, in channels (the C module's LANES); A, D, bias are padded to it
 MAX_STATE = 64  # largest d_state the kernel takes (its MAX_STATE)
-KERNEL_CHUNK = 32  # steps between the states the kernel's forward keeps for its backward
+KERNEL_CHUNK = 64  # steps per kept state; 16..256 within ~15%, larger ones grow the backward's buffers
 MIN_STEPS_PER_THREAD = 4096  # item-steps (16 channels x d_state states each) worth a thread's hand-off
 INSTALL_HINT = "reinstall mamfusion where a C compiler works (`pip install -e .`) to build it"
 
@@ -539,6 +542,8 @@ def _why_not_compiled(u: Tensor, work: torch.dtype, d_state: int) -> str | None:
         return "it computes in fp32; fp64 inputs take the chunked scan (impl='torch')"
     if d_state > MAX_STATE:
         return f"it takes d_state up to {MAX_STATE}, got {d_state}"
+    if u.numel() == 0 or d_state == 0:
+        return "the inputs are empty"
     return None
 
 
