@@ -83,6 +83,10 @@ def write_video(path: Path, codec: str, fmt: str, seed: int) -> None:
     with av.open(str(path), "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        # one encoder thread: libvpx's automatic thread count failed with EINVAL late in a full test run
+        stream.codec_context.thread_count = 1
+        if codec.startswith("libvpx"):
+            stream.options = {"deadline": "realtime", "cpu-used": "8"}
         for i in range(int(SECONDS * FPS)):
             img = np.empty((96, 160, 3), np.uint8)
             img[:] = base
