@@ -331,14 +331,18 @@ class FeatureStore:
                     f"no feature store at {self.url} (no zarr.json; opened read-only, so none is created)"
                 )
             children = await entries.list_children(self._store, "")
-            if children:
+            if children:  # another writer may have created the root since we looked: look again first
+                attrs = await entries.get_attrs(self._store, "")
+            if children and attrs is None:
                 shown = ", ".join(repr(c) for c in sorted(children)[:3])
                 raise NotAFeatureStoreError(
                     f"{self.url} is not empty and not a feature store (it holds {shown}"
                     f"{', ...' if len(children) > 3 else ''}); point the store at a new or existing store"
                 )
-            await entries.put_group(self._store, "", {_ROOT_ATTR: {"layout": LAYOUT_VERSION}}, exclusive=True)
-            attrs = await entries.get_attrs(self._store, "") or {}
+            if attrs is None:
+                root = {_ROOT_ATTR: {"layout": LAYOUT_VERSION}}
+                await entries.put_group(self._store, "", root, exclusive=True)
+                attrs = await entries.get_attrs(self._store, "") or {}
         info = attrs.get(_ROOT_ATTR)
         if not isinstance(info, dict):
             raise NotAFeatureStoreError(f"{self.url} is a Zarr group but not a MamFusion feature store")

@@ -103,6 +103,20 @@ def _snapshot(fp: str, kind: str, dim: int) -> ExtractorSnapshot:
     return ExtractorSnapshot(fingerprint=fp, kind=kind, dim=dim, config={})
 
 
+def write_videos_in_a_fresh_process(folder: Path) -> None:
+    """The fixture files, encoded in a child process: late in a full test run (hundreds of tests in one
+    process) libvpx's encoder init failed with EINVAL, which a fresh process never does."""
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from test_serve import VIDEOS, write_video; "
+        "[write_video(Path(sys.argv[2]) / n, c, f, i) for i, (n, c, f) in enumerate(VIDEOS)]"
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, "-c", script, str(REPO / "tests"), str(folder)], check=True, env=env, timeout=300
+    )
+
+
 class ServeGallery:
     """videos/ + a pipeline output folder (catalog.json, models/<version>/ with index, models/current)."""
 
@@ -110,8 +124,7 @@ class ServeGallery:
         self.root = root
         self.videos_dir = root / "videos"
         self.videos_dir.mkdir(parents=True)
-        for seed, (name, codec, fmt) in enumerate(VIDEOS):
-            write_video(self.videos_dir / name, codec, fmt, seed)
+        write_videos_in_a_fresh_process(self.videos_dir)
         self.output = root / "out"
         self.output.mkdir()
         self.catalog: Catalog = scan_videos(self.videos_dir).catalog
