@@ -1,7 +1,10 @@
 """The `mamfusion` flows: the full pipeline, and retraining when new videos arrive.
 
-    scan catalog ─► extract visual (per video, bounded) ─► text features ─► train ─► evaluate champion
-                 ─► publish (champion/challenger) ─► build search index
+    scan catalog ─► ask the store ─► extract visual (per missing video, bounded) ─► text features ─► train
+                 ─► evaluate champion ─► publish (champion/challenger) ─► build search index
+
+Videos the feature store already holds (same content, same extractor fingerprint) are counted as cached by
+one store read, without a task run each: a re-run of an unchanged folder costs a handful of task runs.
 
 Both deployments (`mamfusion/full-pipeline`, `mamfusion/retrain-on-new-videos`) run `run_pipeline`; the
 retrain flow first compares the folder with the catalog of the last successful run and returns at once when
@@ -50,6 +53,7 @@ from storage.registry import (
     Skipped,
     new_version,
 )
+from tasks.extract import ExtractOutcome
 from tasks.metrics import describe_gallery, format_metrics
 from tasks.profiles import FeatureProfile, feature_profile, visual_fingerprint
 from tasks.publish import PublishOutcome
@@ -65,6 +69,7 @@ from tasks.wrappers import (
     publish_task,
     scan_catalog_task,
     stored_under,
+    stored_videos_task,
     train_task,
 )
 
@@ -274,36 +279,52 @@ def _extract(
     store: str,
     digests: dict[str, str | None],
 ) -> PipelineData:
-    """Visual features per video (at most `extract_concurrency` at a time), then the captions' features."""
+    """Visual features of the videos the store lacks (at most `extract_concurrency` at a time), then the
+    captions' features. Videos already stored count as cached without a task run each."""
     log = get_run_logger()
     skipped = list(scan.skipped)
     videos = scan.readable
     if not videos:
         raise NoUsableVideosError(_no_usable_message(params.videos, skipped))
-    progress = create_progress_artifact(
-        0.0, key="mamfusion-extraction", description=f"visual features of {len(videos)} videos"
-    )
     done: dict[str, list[str]] = {"extracted": [], "cached": []}
     usable: dict[str, str] = {}
     notes: list[Skipped] = []
-    milestones = {1, len(videos), *(round(len(videos) * i / 10) for i in range(1, 10))}
+
+    def record(video: dict[str, Any], outcome: ExtractOutcome, status: str) -> None:
+        done[status].append(video["video_id"])
+        usable[video["video_id"]] = video["sha256"]
+        if outcome.note:
+            notes.append(Skipped(kind="note", id=video["path"], reason=outcome.note))
+
+    stored = stored_videos_task(videos, profile, store)
+    todo = [video for video, outcome in zip(videos, stored, strict=True) if outcome is None]
+    for video, outcome in zip(videos, stored, strict=True):
+        if outcome is not None:
+            record(video, outcome, "cached")
+    first = len(videos) - len(todo)  # the position of the first video to extract
+    progress = create_progress_artifact(
+        100.0 * first / len(videos),
+        key="mamfusion-extraction",
+        description=f"visual features of {len(videos)} videos",
+    )
+    log.info(
+        "extraction: %d of %d videos already in the store, %d to extract",
+        *map(len, (done["cached"], videos, todo)),
+    )
+    milestones = {first + 1, len(videos), *(first + round(len(todo) * i / 10) for i in range(1, 10))}
     outcomes = _bounded(
         stored_under(extract_video_task, layout.results),
-        videos,
+        todo,
         params.extract_concurrency,
         lambda v: {"video": v, "profile": profile, "store": store},
     )
-    for n, (video, state) in enumerate(outcomes, 1):
+    for n, (video, state) in enumerate(outcomes, first + 1):
         if state.is_completed():
             outcome = state.result()
             if outcome.status == "skipped":
                 skipped.append(Skipped(kind="video", id=video["path"], reason=outcome.reason or "skipped"))
             else:  # a Prefect cache hit replays the first run's outcome: it did no work this time
-                status = "cached" if state.name == "Cached" else outcome.status
-                done[status].append(video["video_id"])
-                usable[video["video_id"]] = video["sha256"]
-                if outcome.note:
-                    notes.append(Skipped(kind="note", id=video["path"], reason=outcome.note))
+                record(video, outcome, "cached" if state.name == "Cached" else outcome.status)
         else:
             reason = f"failed after retries: {state.message}"
             skipped.append(Skipped(kind="video", id=video["path"], reason=reason))

@@ -272,12 +272,16 @@ class MamFusion(nn.Module):
         (out / CONFIG_FILE).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
         torch.save(self.state_dict(), out / WEIGHTS_FILE)
 
+    @staticmethod
+    def read_config(directory: str | Path) -> MamFusionConfig:
+        """The config `save_pretrained` wrote, without building the model or reading its weights."""
+        return MamFusionConfig.model_validate_json((Path(directory) / CONFIG_FILE).read_text())
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MamFusion:
         """Rebuild from `save_pretrained` output; weights load with `weights_only=True` (no unpickling)."""
         src = Path(directory)
-        config = MamFusionConfig.model_validate_json((src / CONFIG_FILE).read_text())
-        model = cls(config)
+        model = cls(cls.read_config(src))
         model.load_state_dict(torch.load(src / WEIGHTS_FILE, map_location=map_location, weights_only=True))
         return model
 

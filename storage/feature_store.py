@@ -430,6 +430,16 @@ class FeatureStore:
         key = _check_segment(sha256, "video sha256")
         return self._run(entries.read_marker(self._store, VIDEOS, fingerprint, key)) is not None
 
+    def stored_video_attrs(self, fingerprint: str, sha256s: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Per video, the attrs written with its complete entry (None where it has none), read concurrently:
+        one call tells a flow which of thousands of videos need no extraction, and what was noted on them."""
+        _check_segment(fingerprint, "extractor fingerprint")
+        keys = [_check_segment(s, "video sha256") for s in sha256s]
+        markers = self._run(
+            entries.gather_limited(entries.read_marker(self._store, VIDEOS, fingerprint, k) for k in keys)
+        )
+        return [None if m is None else dict(m.get("attrs", {})) for m in markers]
+
     def write_video(
         self,
         sha256: str,

@@ -5,9 +5,13 @@
  *
  * For each video (n_rows = n_clips + 1 vectors of d halves, clips first, pooled last) and query (d floats):
  *   score = clip_w * max_c cos(clip_c, q) + video_w * cos(pooled, q),   best = argmax_c (first on ties)
- * Halves are widened in registers and accumulated in fp32, so the index is read once at its stored size;
- * independent accumulators keep the FMA chain from limiting a single core below memory speed. All of a
- * video's queries run while its rows are in L1.
+ * Halves are widened in registers and accumulated in fp32, so the index is read once at its stored size.
+ * One query: independent accumulators keep the FMA chain from limiting a single core below memory speed.
+ * Several queries: the scan becomes compute-bound, so a video's rows are scored TILE_ROWS at a time against
+ * TILE_QUERIES queries per pass with every product accumulated in registers (a small matrix product:
+ * TILE_ROWS + TILE_QUERIES loads feed TILE_ROWS * TILE_QUERIES FMAs), and the next video is prefetched while
+ * the FMAs run, so the memory reads overlap the arithmetic. (Widening each row once into an fp32 buffer
+ * instead measured slower up to 16 queries, the serving batch sizes; BENCHMARKS.md.)
  *
  * The module is built for the baseline of its architecture (no -march=native), so one build serves every CPU
  * of that architecture: each vector path is compiled for its own instruction set with a target attribute and
@@ -61,7 +65,7 @@ static inline float dot_portable(const uint16_t *row, const float *q, int64_t d)
 }
 
 #ifdef HAVE_X86_PATHS
-#define AVX512 __attribute__((target("avx512f")))
+#define AVX512 __attribute__((target("avx512f,avx2,f16c,fma")))
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
 
 AVX512 static inline float dot_avx512(const uint16_t *row, const float *q, int64_t d) {
@@ -109,6 +113,8 @@ struct scan_args {
     int64_t *best;        /* (nq, m) */
     int64_t m, n_rows, d, nq;
     float clip_w, video_w;
+    float *scratch; /* TILE_ROWS * d floats (several queries, portable path) */
+    float *sims;    /* scratch, n_rows * nq floats: one video's cosines, row-major (several queries only) */
 };
 
 /* The loop shared by all paths. Always inlined into each path's entry point with a constant `dot`, which the
@@ -134,10 +140,136 @@ static inline __attribute__((always_inline)) void scan_videos(dot_fn dot, const 
     }
 }
 
-static void scan_portable(const struct scan_args *a) { scan_videos(dot_portable, a); }
+
+/* ---- several queries ---- */
+#define TILE_ROWS 3
+#define TILE_QUERIES 4
+
+/* out[r * nq + b] = rows[r] . q[b] for r < nr, b < nt (nr <= TILE_ROWS, nt <= TILE_QUERIES); `scratch` holds
+ * TILE_ROWS * d floats */
+typedef void (*tile_fn)(const uint16_t *rows, int nr, const float *q, int nt, int64_t d, float *out, int64_t nq,
+                        float *scratch);
+
+static inline float dot_f32_portable(const float *x, const float *q, int64_t d) {
+    float acc[8] = {0};
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8)
+        for (int j = 0; j < 8; j++) acc[j] += x[k + j] * q[k + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; k < d; k++) s += x[k] * q[k];
+    return s;
+}
+
+/* widens the rows into scratch, then one fp32 dot per row and query */
+static inline void tile_portable(const uint16_t *rows, int nr, const float *q, int nt, int64_t d, float *out,
+                                 int64_t nq, float *scratch) {
+    for (int64_t k = 0; k < nr * d; k++) scratch[k] = half_to_float(rows[k]);
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < nt; b++) out[r * nq + b] = dot_f32_portable(scratch + r * d, q + b * d, d);
+}
+
 #ifdef HAVE_X86_PATHS
-AVX512 static void scan_avx512(const struct scan_args *a) { scan_videos(dot_avx512, a); }
-AVX2 static void scan_avx2(const struct scan_args *a) { scan_videos(dot_avx2, a); }
+AVX2 static inline float hsum_avx2(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* NR x NT accumulators in registers, halves widened as they are loaded; constant NR, NT at every call site, so
+ * the loops unroll completely. Four queries' sums leave in one vector (horizontal adds across accumulators). */
+AVX2 static inline __attribute__((always_inline)) void tile_avx2_fixed(const uint16_t *rows, const float *q,
+                                                                       int64_t d, float *out, int64_t nq,
+                                                                       const int NR, const int NT) {
+    __m256 acc[TILE_ROWS][TILE_QUERIES];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NT; b++) acc[r][b] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) {
+        __m256 x[TILE_ROWS];
+        for (int r = 0; r < NR; r++) x[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows + r * d + k)));
+        for (int b = 0; b < NT; b++) {
+            __m256 y = _mm256_loadu_ps(q + b * d + k);
+            for (int r = 0; r < NR; r++) acc[r][b] = _mm256_fmadd_ps(x[r], y, acc[r][b]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        float sums[TILE_QUERIES];
+        if (NT == TILE_QUERIES) {
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+            _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        } else
+            for (int b = 0; b < NT; b++) sums[b] = hsum_avx2(acc[r][b]);
+        for (int b = 0; b < NT; b++) {
+            float s = sums[b];
+            for (int64_t j = k; j < d; j++) s += half_to_float(rows[r * d + j]) * q[b * d + j];
+            out[r * nq + b] = s;
+        }
+    }
+}
+
+#define TILE_CASE(R, T)                                                                                    \
+    case (R) * 8 + (T): tile_avx2_fixed(rows, q, d, out, nq, R, T); break;
+
+AVX2 static inline void tile_avx2(const uint16_t *rows, int nr, const float *q, int nt, int64_t d, float *out,
+                                  int64_t nq, float *scratch) {
+    (void)scratch;
+    switch (nr * 8 + nt) {
+        TILE_CASE(3, 4) TILE_CASE(3, 3) TILE_CASE(3, 2) TILE_CASE(3, 1)
+        TILE_CASE(2, 4) TILE_CASE(2, 3) TILE_CASE(2, 2) TILE_CASE(2, 1)
+        TILE_CASE(1, 4) TILE_CASE(1, 3) TILE_CASE(1, 2) TILE_CASE(1, 1)
+    }
+}
+#undef TILE_CASE
+#endif
+
+/* Several queries, one video at a time: every cosine into `sims`, then each query's max over clips. */
+static inline __attribute__((always_inline)) void scan_videos_multi(tile_fn tile, const struct scan_args *a) {
+    const int64_t m = a->m, n_rows = a->n_rows, d = a->d, nq = a->nq;
+    for (int64_t v = 0; v < m; v++) {
+        const uint16_t *video = a->rows + v * n_rows * d;
+        const char *next = (const char *)(video + n_rows * d), *end = (const char *)(a->rows + m * n_rows * d);
+        const int64_t lines = (n_rows * d * 2 + 63) / 64, groups = (n_rows + TILE_ROWS - 1) / TILE_ROWS;
+        for (int64_t r = 0, line = 0; r < n_rows; r += TILE_ROWS) {
+            const int nr = (int)(n_rows - r < TILE_ROWS ? n_rows - r : TILE_ROWS);
+            /* the next video's lines, spread over this one's row groups: memory reads overlap the FMAs */
+            for (int64_t stop = (r / TILE_ROWS + 1) * lines / groups; line < stop; line++)
+                if (next + line * 64 < end) __builtin_prefetch(next + line * 64);
+            for (int64_t b = 0; b < nq; b += TILE_QUERIES) {
+                const int nt = (int)(nq - b < TILE_QUERIES ? nq - b : TILE_QUERIES);
+                tile(video + r * d, nr, a->queries + b * d, nt, d, a->sims + r * nq + b, nq, a->scratch);
+            }
+        }
+        for (int64_t b = 0; b < nq; b++) {
+            float top = -INFINITY;
+            int64_t arg = 0;
+            for (int64_t c = 0; c + 1 < n_rows; c++) {
+                float s = a->sims[c * nq + b];
+                if (s > top) {
+                    top = s;
+                    arg = c;
+                }
+            }
+            a->scores[b * m + v] = a->clip_w * top + a->video_w * a->sims[(n_rows - 1) * nq + b];
+            a->best[b * m + v] = arg;
+        }
+    }
+}
+
+/* One entry point per path. AVX-512 CPUs run the several-query tile at 256 bits: the AVX2 code, which is what
+ * the CPUs this is tested on can check. */
+static void scan_portable(const struct scan_args *a) {
+    if (a->nq > 1) scan_videos_multi(tile_portable, a);
+    else scan_videos(dot_portable, a);
+}
+#ifdef HAVE_X86_PATHS
+AVX512 static void scan_avx512(const struct scan_args *a) {
+    if (a->nq > 1) scan_videos_multi(tile_avx2, a);
+    else scan_videos(dot_avx512, a);
+}
+AVX2 static void scan_avx2(const struct scan_args *a) {
+    if (a->nq > 1) scan_videos_multi(tile_avx2, a);
+    else scan_videos(dot_avx2, a);
+}
 #endif
 
 struct path {
@@ -158,9 +290,10 @@ static struct path paths[] = { /* best first */
 static void detect_cpu(void) {
 #ifdef HAVE_X86_PATHS
     __builtin_cpu_init(); /* also checks that the OS saves the wide registers (XCR0) */
-    paths[0].supported = __builtin_cpu_supports("avx512f");
-    paths[1].supported =
+    const int avx2 =
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    paths[0].supported = __builtin_cpu_supports("avx512f") && avx2;
+    paths[1].supported = avx2;
 #endif
 }
 
@@ -229,6 +362,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     Py_buffer bufs[4];
     int held = 0;
     PyObject *result = NULL;
+    struct scan_args a = {.n_rows = n_rows, .d = d, .clip_w = clip_w, .video_w = video_w};
     for (; held < 4; held++) {
         int writable = held >= 2 ? PyBUF_WRITABLE : 0;
         if (PyObject_GetBuffer(objs[held], &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | writable) < 0)
@@ -242,14 +376,23 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     if (check_buffer(&bufs[2], "scores", "f", 4, nq * m, 1) < 0 ||
         check_buffer(&bufs[3], "best", "ql", 8, nq * m, 1) < 0)
         goto done;
-    struct scan_args a = {.rows = bufs[0].buf, .queries = bufs[1].buf, .scores = bufs[2].buf,
-                          .best = bufs[3].buf, .m = m, .n_rows = n_rows, .d = d, .nq = nq,
-                          .clip_w = clip_w, .video_w = video_w};
+    a.rows = bufs[0].buf, a.queries = bufs[1].buf, a.scores = bufs[2].buf, a.best = bufs[3].buf;
+    a.m = m, a.nq = nq;
+    if (nq > 1) {
+        a.scratch = PyMem_RawMalloc((size_t)(TILE_ROWS * d) * sizeof(float));
+        a.sims = PyMem_RawMalloc((size_t)(n_rows * nq) * sizeof(float));
+        if (!a.scratch || !a.sims) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
     path->scan(&a);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
+    PyMem_RawFree(a.scratch);
+    PyMem_RawFree(a.sims);
     while (held-- > 0) PyBuffer_Release(&bufs[held]);
     return result;
 }

@@ -52,6 +52,7 @@ __all__ = [
     "extract_queries",
     "extract_video",
     "extract_videos",
+    "stored_outcomes",
     "text_encoder_from_info",
 ]
 
@@ -204,7 +205,7 @@ def extract_video(
     if record.error is not None:  # a catalog written before reasons were cleaned may hold NULs
         return ExtractOutcome(record.video_id, record.path, "skipped", clean_reason(record.error))
     sha = record.sha256 or sha256_file(record.path)
-    if store.has_video(sha, extractor.fingerprint):
+    if store.has_video(sha, extractor.fingerprint):  # its note, if any, was given when it was extracted
         return ExtractOutcome(record.video_id, record.path, "cached")
     try:
         features, times, attrs = extractor.extract(record.path)
@@ -213,12 +214,36 @@ def extract_video(
         return ExtractOutcome(record.video_id, record.path, "skipped", err.reason)
     extractor.register(store)
     store.write_video(sha, extractor.fingerprint, features, times, video_id=record.video_id, attrs=attrs)
-    note = None
-    if attrs["native_rate"]:
-        cfg = extractor.cfg
-        note = native_rate_note(attrs["source_fps"], cfg.window_s, cfg.frames_per_window, attrs["window_s"])
+    note = _note(attrs, extractor.cfg)
+    if note:
         log.info("%s: %s", record.path, note)
     return ExtractOutcome(record.video_id, record.path, "extracted", note=note)
+
+
+def stored_outcomes(
+    records: Sequence[VideoRecord], cfg: VisualExtractorConfig, store: FeatureStore
+) -> list[ExtractOutcome | None]:
+    """Per record, its "cached" outcome if the store already holds its features under `cfg`'s fingerprint
+    (one concurrent read for all), else None: a flow submits extraction only for the None ones, so a re-run
+    of an unchanged folder costs no per-video task. Unlike `extract_video`, a cached outcome repeats the
+    entry's note: a pipeline run lists every video its model uses with a caveat. Records without a sha256
+    or with an error are left to `extract_video`, which hashes or skips them."""
+    fingerprint = visual_fingerprint(cfg)
+    known = [i for i, r in enumerate(records) if r.error is None and r.sha256]
+    found = store.stored_video_attrs(fingerprint, [records[i].sha256 or "" for i in known])
+    outcomes: list[ExtractOutcome | None] = [None] * len(records)
+    for i, attrs in zip(known, found, strict=True):
+        if attrs is not None:
+            record = records[i]
+            outcomes[i] = ExtractOutcome(record.video_id, record.path, "cached", note=_note(attrs, cfg))
+    return outcomes
+
+
+def _note(attrs: dict[str, Any], cfg: VisualExtractorConfig) -> str | None:
+    """What a run reports about a video's sampling, from the attrs stored with it."""
+    if not attrs.get("native_rate"):
+        return None
+    return native_rate_note(attrs["source_fps"], cfg.window_s, cfg.frames_per_window, attrs["window_s"])
 
 
 def extract_videos(

@@ -6,12 +6,14 @@ A row is one video: its `n_clips` clip vectors then its pooled vector, all L2-no
 - `matmul`: converts each stored sub-block to fp32 in a cache-sized buffer and multiplies. A batch of queries
   shares every conversion, so large batches run at matrix-product speed.
 - `fused` (fp16 indexes): a small C loop that widens halves in registers and accumulates in fp32. The index
-  is read once at its stored size with no fp32 copy, so a query runs near memory bandwidth (BENCHMARKS.md); it
-  serves up to FUSED_MAX_QUERIES queries per pass, larger batches go to `matmul`. It is the extension module
-  `tasks._scan_fp16` (`_scan_fp16.c`), built when the package is installed and imported from the package's
-  own directory only; nothing is compiled at run time. Built for the architecture's baseline, it picks its
-  vector path (AVX-512, AVX2 + F16C + FMA, portable C) from the CPU at run time. Where the install had no C
-  compiler it is absent, and `auto` searches with `matmul`.
+  is read once at its stored size with no fp32 copy, so a query runs near memory bandwidth (BENCHMARKS.md).
+  Several queries are scored together in register tiles (a small matrix product per video, the next
+  video prefetched meanwhile), so a batch costs little more than one query until the arithmetic, not the
+  memory, bounds it; larger batches run in passes of FUSED_QUERY_PASS queries. It is the
+  extension module `tasks._scan_fp16` (`_scan_fp16.c`), built when the package is installed and imported
+  from the package's own directory only; nothing is compiled at run time. Built for the architecture's
+  baseline, it picks its vector path (AVX-512, AVX2 + F16C + FMA, portable C) from the CPU at run time.
+  Where the install had no C compiler it is absent, and `auto` searches with `matmul`.
 
 Both compute exact fp32 dot products of the stored values, so they rank identically up to summation order.
 """
@@ -23,6 +25,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,8 +42,7 @@ log = logging.getLogger(__name__)
 
 Kernel = Literal["auto", "fused", "matmul"]
 SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays in cache for its product
-FUSED_MAX_QUERIES = 4  # from ~8 queries on, one shared conversion + matrix product is as fast (BENCHMARKS.md)
-MIN_VIDEOS_PER_THREAD = 64  # 64 x 33 x 384 halves = 1.6 MB: a thread's share is worth its hand-off
+FUSED_QUERY_PASS = 64  # queries per fused pass: tiles gain nothing beyond, and the queries stay in L2
 EXTENSION = "tasks._scan_fp16"
 PACKAGE_DIR = Path(__file__).resolve().parent
 PATHS = ("avx512", "avx2", "portable")  # every path the extension has, best first (x86 has all three)
@@ -139,13 +141,17 @@ def fused_path() -> str:
 def _self_check(ext: ModuleType, path: str) -> KernelUnavailableError | None:
     """Run `path` once on a probe block against `score_matmul`: a miscompiled or mis-dispatched kernel must
     never rank a real search."""
-    # d = 93 is odd and no multiple of any path's vector widths, so every leftover loop runs as well
+    # d = 93 is odd and no multiple of any path's vector widths, so every leftover loop runs as well; one
+    # query takes the single-query loop, six the tiled one with a full and a partial tile of rows and queries
     gen = torch.Generator().manual_seed(0)
     probe = torch.nn.functional.normalize(torch.randn(3, 5, 93, generator=gen), dim=-1).half()
-    queries = torch.nn.functional.normalize(torch.randn(2, 93, generator=gen), dim=-1)
-    got, want = _run(ext, path, queries, probe, (0.7, 0.3)), score_matmul(queries, probe, (0.7, 0.3))
-    if not (torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])):
-        return KernelUnavailableError(f"the fused kernel's {path} path gives wrong scores on this machine")
+    queries = torch.nn.functional.normalize(torch.randn(6, 93, generator=gen), dim=-1)
+    for batch in (queries[:1], queries):
+        got, want = _run(ext, path, batch, probe, (0.7, 0.3)), score_matmul(batch, probe, (0.7, 0.3))
+        if not (torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])):
+            return KernelUnavailableError(
+                f"the fused kernel's {path} path gives wrong scores on this machine"
+            )
     log.debug("fused search kernel: %s path", path)
     return None
 
@@ -186,33 +192,17 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def score_fused(
-    queries: Tensor,
-    block: Tensor,
-    weights: tuple[float, float],
-    threads: int | None = None,
-    path: str | None = None,
+    queries: Tensor, block: Tensor, weights: tuple[float, float], path: str | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `score_matmul`, for an fp16 block, through the compiled kernel.
-
-    The block's videos are split over `threads` (default: torch's intra-op thread count, as the matmul kernel
-    uses), each part one kernel call on its own thread - the module releases the GIL - so a many-core machine
-    scans at the bandwidth of several cores, as a multi-threaded matrix product would. `path` picks the code
-    path (default: `fused_path()`), so tests can compare them all.
-    """
+    """Same contract as `score_matmul`, for an fp16 block, through the compiled kernel on this thread (the
+    module releases the GIL, so `scan_topk` runs one block per thread). `path` picks the code path (default:
+    `fused_path()`), so tests can compare them all."""
     ext, path = _kernel(path)
     if block.dtype != torch.float16:
         raise TypeError(f"the fused kernel reads fp16 index rows, got {block.dtype}")
     if queries.shape[1] != block.shape[2]:
         raise ValueError(f"queries are {queries.shape[1]}-d, index rows {block.shape[2]}-d")
-    parts = min(threads or torch.get_num_threads(), -(-len(block) // MIN_VIDEOS_PER_THREAD))
-    if parts <= 1:
-        return _run(ext, path, queries, block, weights)
-    cuts = [len(block) * i // parts for i in range(parts + 1)]
-    pieces = _pool(parts).map(
-        lambda i: _run(ext, path, queries, block[cuts[i] : cuts[i + 1]], weights), range(parts)
-    )
-    scores, best = zip(*pieces, strict=True)
-    return torch.cat(scores, dim=1), torch.cat(best, dim=1)
+    return _run(ext, path, queries, block, weights)
 
 
 @functools.cache
@@ -238,6 +228,18 @@ def pick_kernel(requested: Kernel, dtype: str) -> Literal["fused", "matmul"]:
     return "fused"
 
 
+def _merge(best: TopK, new: TopK, k: int) -> TopK:
+    """The k best of two candidate sets by score, equal scores in row order: the same rows in the same order
+    whichever thread merged which blocks, so a scan does not depend on its thread count."""
+    scores = torch.cat([best.scores, new.scores], dim=1)
+    rows = torch.cat([best.rows, new.rows], dim=1)
+    clips = torch.cat([best.clips, new.clips], dim=1)
+    by_row = rows.argsort(dim=1, stable=True)
+    scores, rows, clips = scores.gather(1, by_row), rows.gather(1, by_row), clips.gather(1, by_row)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return TopK(scores.gather(1, order), rows.gather(1, order), clips.gather(1, order))
+
+
 @torch.inference_mode()
 def scan_topk(
     queries: Tensor,
@@ -246,36 +248,67 @@ def scan_topk(
     top_k: int,
     weights: tuple[float, float],
     kernel: Literal["fused", "matmul"] = "matmul",
+    threads: int | None = None,
 ) -> TopK:
     """Exact top-k of every query over all alive rows, block by block, merging a running top-k.
 
     `queries` are L2-normalised (B, d) fp32; `blocks` yields `(first_row, (m, n_clips + 1, d))`; `weights` are
-    (clip_scale_w, frame_scale_w). Memory: one block plus (B, block rows) scores, whatever the gallery size.
+    (clip_scale_w, frame_scale_w). Memory: one block per thread plus (B, block rows) scores, whatever the
+    gallery size. The fused kernel runs on `threads` (default: torch's intra-op thread count, as the matrix
+    product uses) that each take the next block when done with theirs and keep their own top-k, merged at
+    the end: no thread waits for another until the last block, and a streamed block is read while the
+    others' are scored. The result is the same for any thread count.
     """
     n_queries = queries.shape[0]
-    fused = kernel == "fused" and n_queries <= FUSED_MAX_QUERIES
+    fused = kernel == "fused"
     k = min(top_k, int(alive.sum()))
-    best = TopK(
+    empty = TopK(
         torch.empty(n_queries, 0),
         torch.empty(n_queries, 0, dtype=torch.long),
         torch.empty(n_queries, 0, dtype=torch.long),
     )
-    buf = torch.empty(0)
-    for start, block in blocks:
-        m = block.shape[0]
+
+    def block_top(start: int, block: Tensor) -> TopK:
         if fused:
-            scores, clips = score_fused(queries, block, weights)
+            passes = [score_fused(q, block, weights) for q in queries.split(FUSED_QUERY_PASS)]
+            scores, clips = (torch.cat(parts) for parts in zip(*passes, strict=True))
         else:
-            if buf.shape[0] < SUB_BLOCK_VIDEOS * block.shape[1]:
-                buf = torch.empty(SUB_BLOCK_VIDEOS * block.shape[1], block.shape[2])
-            scores = torch.empty(n_queries, m)
-            clips = torch.empty(n_queries, m, dtype=torch.long)
-            for s in range(0, m, SUB_BLOCK_VIDEOS):
-                e = min(s + SUB_BLOCK_VIDEOS, m)
-                scores[:, s:e], clips[:, s:e] = score_matmul(queries, block[s:e], weights, buf)
-        scores[:, ~alive[start : start + m]] = float("-inf")
-        merged = torch.cat([best.scores, scores], dim=1)
-        top, pos = merged.topk(min(k, merged.shape[1]), dim=1)
-        rows = torch.cat([best.rows, torch.arange(start, start + m).expand(n_queries, m)], dim=1)
-        best = TopK(top, rows.gather(1, pos), torch.cat([best.clips, clips], dim=1).gather(1, pos))
-    return best
+            scores, clips = _score_matmul_blocked(queries, block, weights)
+        m = block.shape[0]
+        scores.masked_fill_(~alive[start : start + m], float("-inf"))
+        top, pos = scores.topk(min(k, m), dim=1)
+        return TopK(top, pos + start, clips.gather(1, pos))
+
+    workers = (threads or torch.get_num_threads()) if fused else 1
+    if workers <= 1:
+        best = empty
+        for start, block in blocks:
+            best = _merge(best, block_top(start, block), k)
+        return best
+    source, lock = iter(blocks), threading.Lock()
+
+    @torch.inference_mode()  # thread-local, as the caller's is
+    def worker(_: int) -> TopK:
+        best = empty
+        while True:
+            with lock:  # a streamed block is read here, while the other threads score theirs
+                item = next(source, None)
+            if item is None:
+                return best
+            best = _merge(best, block_top(*item), k)
+
+    return functools.reduce(lambda a, b: _merge(a, b, k), _pool(workers).map(worker, range(workers)), empty)
+
+
+def _score_matmul_blocked(
+    queries: Tensor, block: Tensor, weights: tuple[float, float]
+) -> tuple[Tensor, Tensor]:
+    """`score_matmul` over cache-sized sub-blocks of SUB_BLOCK_VIDEOS, sharing one fp32 conversion buffer."""
+    m, rows, d = block.shape
+    buf = torch.empty(SUB_BLOCK_VIDEOS * rows, d)
+    scores = torch.empty(queries.shape[0], m)
+    clips = torch.empty(queries.shape[0], m, dtype=torch.long)
+    for s in range(0, m, SUB_BLOCK_VIDEOS):
+        e = min(s + SUB_BLOCK_VIDEOS, m)
+        scores[:, s:e], clips[:, s:e] = score_matmul(queries, block[s:e], weights, buf)
+    return scores, clips

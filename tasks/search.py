@@ -11,6 +11,7 @@ than `max_memory_bytes` is streamed from its store instead of loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -40,6 +41,9 @@ from tasks.scan import Kernel, TopK, pick_kernel, scan_topk, score_matmul
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000  # a guard, not a model limit: tokens past max_desc_l are dropped as in training
+# In RAM a block is a scan thread's unit of work: at most 4096 videos (100 MB at 33 x 384 fp16), where its
+# top-k merge is noise, and at least 32 blocks per index, so the threads finish together (BENCHMARKS.md)
+MEMORY_BLOCK_VIDEOS, MEMORY_BLOCKS = 4096, 32
 
 
 class ApproximateSearchError(MamFusionError, ValueError):
@@ -103,9 +107,10 @@ class IndexScanner:
             )
 
     def blocks(self) -> Iterator[tuple[int, Tensor]]:
-        """The whole index as `(first_row, rows)` blocks of one store chunk each."""
+        """The whole index as `(first_row, rows)` blocks: MEMORY_BLOCKS or more in RAM, one per store chunk
+        when streamed."""
         if self.vectors is not None:
-            step = self.index.chunk_rows
+            step = max(1, min(MEMORY_BLOCK_VIDEOS, -(-len(self.vectors) // MEMORY_BLOCKS)))
             for start in range(0, len(self.vectors), step):
                 yield start, self.vectors[start : start + step]
             return
@@ -479,8 +484,7 @@ def build_index(
     visual_fp = features.visual.fingerprint
     if not isinstance(store, FeatureStore):
         store = FeatureStore(store or features.store, storage_options, read_only=True)
-    model = MamFusion.from_pretrained(model_dir.path).eval()
-    cfg = model.config
+    cfg = MamFusion.read_config(model_dir.path)  # the weights load only if a video needs encoding
     url = index_url or default_index_url(model_dir)
     layout = {"dim": cfg.hidden_size, "n_clips": cfg.map_size, "chunk_rows": chunk_rows}
     index, rebuilt = _open_for_update(url, fingerprint, dtype, storage_options, **layout)
@@ -506,6 +510,7 @@ def build_index(
     summary.kept = len(present)
     index.set_complete(False)
     index.remove(stale)
+    model = functools.cache(lambda: MamFusion.from_pretrained(model_dir.path).eval())  # first use only
     for start in range(0, len(todo), batch_size):
         ids = todo[start : start + batch_size]
         shas = [wanted[v].sha256 for v in ids]
@@ -525,7 +530,7 @@ def build_index(
                 f"store {store.url}: visual features {visual_fp} are {sorted(dims)}-d, "
                 f"the model expects {cfg.visual_dim}"
             )
-        vectors, spans = encode_for_index(model, [v.features for v in videos], [v.times for v in videos])
+        vectors, spans = encode_for_index(model(), [v.features for v in videos], [v.times for v in videos])
         index.append(vectors, spans, ids, [wanted[v].path for v in ids], shas)
         summary.added.extend(ids)
         log.info("indexed %d/%d new videos", len(summary.added), len(todo))

@@ -10,7 +10,9 @@ edit to `tasks/train.py` or an extractor would replay stale results; with the di
 persisted (by default under $PREFECT_HOME/storage; the flows use `stored_under(task,
 OUTPUT/prefect-results)`), so a later run in a new process reports the task as Cached. The feature store
 is the durable cache behind it: with a fresh Prefect database or results folder, extraction still skips
-every video the store already holds.
+every video the store already holds. The flows ask the store first (`stored_videos_task`, one task run for
+the folder) and submit `extract_video_task` only for videos it lacks, so Prefect's per-video cache answers
+only for those (e.g. a video that failed to decode, which the store never holds).
 
 Retries: only transient failures (I/O, timeouts, a lost Dask worker) are retried, with exponential backoff.
 Permanent ones (a corrupt video, a malformed annotation file, a bad config) fail at once.
@@ -39,7 +41,13 @@ from storage.demo_corpus import generate_demo_corpus
 from storage.feature_store import FeatureStore
 from storage.mssl import import_mssl
 from storage.registry import ModelDir, ModelRegistry, RetrievalMetrics, RunDir, RunMetrics, Skipped
-from tasks.extract import ExtractOutcome, VisualExtractor, extract_queries, extract_video
+from tasks.extract import (
+    ExtractOutcome,
+    VisualExtractor,
+    extract_queries,
+    extract_video,
+    stored_outcomes,
+)
 from tasks.profiles import FeatureProfile, VisualExtractorConfig
 from tasks.publish import PublishOutcome, evaluate_on_request, publish
 from tasks.search import IndexSummary, build_index
@@ -194,12 +202,28 @@ def scan_catalog_task(videos: str, catalog_path: str, baseline_path: str) -> Sca
     )
 
 
+def _record(video: dict[str, Any]) -> VideoRecord:
+    return VideoRecord(**{f.name: video[f.name] for f in fields(VideoRecord)})
+
+
+@task(name="stored-videos", cache_policy=NO_CACHE, **_RETRY)
+def stored_videos_task(
+    videos: list[dict[str, Any]], profile: dict[str, Any], store: str
+) -> list[ExtractOutcome | None]:
+    """Per catalogued video, its "cached" outcome if the store already holds its features, else None.
+
+    One task run for the whole folder, so an unchanged folder costs no per-video task run; the flow submits
+    `extract_video_task` for the None ones only. Never cached: the store's commit markers are the truth.
+    """
+    visual = FeatureProfile.model_validate(profile).visual
+    return stored_outcomes([_record(v) for v in videos], visual, FeatureStore(store))
+
+
 @task(name="extract-video", task_run_name="extract[{video[video_id]}]", **_cached("tasks.extract"), **_RETRY)
 def extract_video_task(video: dict[str, Any], profile: dict[str, Any], store: str) -> ExtractOutcome:
     """One catalogued video into the store (skipped there if present); `video` is `VideoRecord.to_dict()`."""
-    record = VideoRecord(**{f.name: video[f.name] for f in fields(VideoRecord)})
     visual = FeatureProfile.model_validate(profile).visual
-    return extract_video(record, _extractor(visual.model_dump_json()), FeatureStore(store))
+    return extract_video(_record(video), _extractor(visual.model_dump_json()), FeatureStore(store))
 
 
 @task(name="extract-text", **_cached("tasks.extract"), **_RETRY)

@@ -31,6 +31,7 @@ import tasks.train as train_module
 from flows.params import MsslSource, PipelineParams
 from flows.pipeline import full_pipeline
 from flows.server import down, free_port, run_deployment, up
+from storage.catalog import scan_videos
 from storage.demo_corpus import generate_demo_corpus
 from storage.index import VideoIndex
 from storage.registry import ModelRegistry
@@ -120,6 +121,19 @@ def extract_states(tasks) -> dict[str, str]:
     return {t.name[len("extract[") : -1]: t.state.name for t in tasks if t.name.startswith("extract[")}
 
 
+def task_states(flow_run_id: UUID) -> dict[str, str]:
+    """Final state name per task run: `extract[<video id>]` by run name, the others by task name."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {t.name if t.name.startswith("extract[") else t.name.rsplit("-", 1)[0]: t.state.name for t in runs}
+
+
+def flow_logs(flow_run) -> list[str]:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    return [entry.message for entry in logs]
+
+
 def table(artifact) -> list[dict]:
     return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
@@ -151,9 +165,7 @@ def test_full_pipeline_through_the_deployment(world):
     assert "## Publishing" in (models_dir(world) / version / "report.md").read_text()
     assert (models_dir(world) / version / "index.zarr").is_dir()
     # what the user sees in the UI: per-epoch and extraction progress lines, no routine task chatter
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-    messages = [entry.message for entry in logs]
+    messages = flow_logs(flow_run)
     for epoch in range(1, TRAIN["n_epoch"] + 1):
         assert any(m.startswith(f"epoch {epoch}/{TRAIN['n_epoch']}: loss") for m in messages), messages
     assert any(m.startswith("extraction ") and "videos:" in m for m in messages), messages
@@ -165,10 +177,15 @@ def test_second_run_extracts_nothing_publishes_nothing_and_indexes_nothing(world
     versions = ModelRegistry(models_dir(world)).versions()
     current = ModelRegistry(models_dir(world)).current()
     index_before = VideoIndex.open(str(current.index_dir)).count
-    result, _, tasks, artifacts = run(world)
+    result, flow_run, tasks, artifacts = run(world)
     assert result.completed, result.output
-    states = extract_states(tasks)
-    assert states and all(s == "Cached" for s in states.values()), states
+    # The store answers for every video in one task run: no extraction task run per video.
+    assert extract_states(tasks) == {}
+    assert [t.state.name for t in tasks if t.name.startswith("stored-videos")] == ["Completed"]
+    readable = len(scan_videos(world["videos"]).catalog.readable())
+    messages = flow_logs(flow_run)
+    assert f"extraction: {readable} of {readable} videos already in the store, 0 to extract" in messages
+    assert f"videos: 0 extracted, {readable} cached, 1 skipped" in messages  # corrupted.mp4
     assert {t.state.name for t in tasks if t.name.startswith("train")} == {"Cached"}
     skipped = table(artifacts["mamfusion-skipped"])
     assert any(row["id"].endswith("corrupted.mp4") for row in skipped)
@@ -196,9 +213,7 @@ def test_retrain_extracts_only_the_new_videos(world, tmp_path):
     world["retrain"] = run(world, "retrain-on-new-videos", overrides=UNTRAINED, build_index=False), champion
     (result, _, tasks, _), _ = world["retrain"]
     assert result.completed, result.output
-    states = extract_states(tasks)
-    fresh = {k for k, v in states.items() if v != "Cached"}
-    assert fresh == {"new0000", "new0001"}, states
+    assert extract_states(tasks) == {"new0000": "Completed", "new0001": "Completed"}  # the rest is stored
     assert any(t.name.startswith("train") for t in tasks)
 
 
@@ -214,6 +229,43 @@ def test_worse_challenger_does_not_replace_the_champion(world):
     assert decision is not None and decision.promoted is False and decision.current == champion
     assert decision.n_videos >= 2 and decision.gallery.startswith("split test:")
     assert "kept as a candidate" in newest.report_file.read_text()
+
+
+def test_stored_videos_cost_no_task_run_and_new_content_is_extracted_and_retrains(world, tmp_path):
+    """In-process runs on a corpus of their own: what the store holds is reported cached without a task run
+    per video; a file whose content changed under the same name is extracted again and retrains."""
+    corpus = generate_demo_corpus(tmp_path / "corpus", n_videos=3)
+    params = PipelineParams(
+        videos=corpus.videos_dir,
+        annotations=corpus.annotations_path,
+        store=str(tmp_path / "features.zarr"),
+        output=str(tmp_path / "out"),
+        overrides={"n_epoch": 1},
+        build_index=False,
+    )
+
+    def pipeline() -> tuple[dict, dict[str, str]]:
+        state = full_pipeline(params, return_state=True)
+        return state.result(), task_states(state.state_details.flow_run_id)
+
+    ids = sorted(v.video_id for v in corpus.videos)
+    first, tasks = pipeline()
+    assert sorted(first["extracted"]) == ids and first["cached"] == []
+    assert {tasks[f"extract[{v}]"] for v in ids} == {"Completed"}
+    second, tasks = pipeline()
+    assert second["extracted"] == [] and sorted(second["cached"]) == ids and second["status"] == "unchanged"
+    assert not any(name.startswith("extract[") for name in tasks), tasks
+    assert tasks["stored-videos"] == "Completed" and tasks["train"] == "Cached"
+
+    edited = corpus.videos[0]
+    other = generate_demo_corpus(tmp_path / "other", n_videos=1, seed=7).videos[0]
+    shutil.copy(other.path, edited.path)  # new content, same file name (so the same video id)
+    third, tasks = pipeline()
+    assert third["extracted"] == [edited.video_id]
+    assert sorted(third["cached"]) == [v for v in ids if v != edited.video_id]
+    assert [name for name in tasks if name.startswith("extract[")] == [f"extract[{edited.video_id}]"]
+    assert tasks["train"] == "Completed"  # the data digest changed: a new training run, not a replay
+    assert third["status"] == "published"
 
 
 def test_no_usable_videos_fails_with_one_clear_message(world, realdata, tmp_path):

@@ -16,12 +16,14 @@ from flows.cli import main
 from storage.catalog import VideoRecord, scan_videos, sha256_file
 from storage.feature_store import FeatureDimensionError, FeatureStore
 from tasks.extract import (
+    ExtractOutcome,
     ExtractSummary,
     VisualExtractor,
     _prefetch,
     extract_queries,
     extract_video,
     extract_videos,
+    stored_outcomes,
     text_encoder_from_info,
 )
 from tasks.profiles import (
@@ -281,6 +283,14 @@ def test_low_frame_rate_video_is_sampled_at_its_own_rate(
     assert main(argv) == 0  # cached: the note was given once, when the video was extracted
     again = json.loads(capsys.readouterr().out)
     assert again["cached"] == ["slides"] and again["notes"] == []
+    # What a pipeline run asks the store before submitting any extraction: its runs list the note each time.
+    [slides] = scan_videos(videos).catalog.videos
+    changed = replace(slides, video_id="edited", sha256="0" * 64)  # same name, other content: not stored
+    unreadable = replace(slides, error="moov atom not found")
+    outcomes = stored_outcomes([slides, changed, unreadable], LITE.visual, store)
+    assert outcomes == [ExtractOutcome("slides", slides.path, "cached", note=note["note"]), None, None]
+    other_profile = feature_profile("lite", visual={"device": "cpu", "window_s": 1.0})
+    assert stored_outcomes([slides], other_profile.visual, store) == [None]  # another fingerprint
 
 
 def test_skip_reasons_from_an_old_catalog_are_cleaned(records: dict[str, VideoRecord], lite_run) -> None:

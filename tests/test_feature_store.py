@@ -96,6 +96,16 @@ def test_video_round_trip_with_provenance(store: FeatureStore) -> None:
     assert got.attrs["written_at"].endswith("+00:00")
 
 
+def test_stored_video_attrs_answers_for_many_videos_at_once(store: FeatureStore) -> None:
+    write_videos(store, range(3))
+    asked = [sha(2), sha(7), sha(0), sha(2)]
+    assert store.stored_video_attrs(FP, asked) == [{"index": 2}, None, {"index": 0}, {"index": 2}]
+    store.pack(FP)  # packed entries keep their markers
+    assert store.stored_video_attrs(FP, [sha(1), sha(5)]) == [{"index": 1}, None]
+    assert store.stored_video_attrs(FP, []) == []
+    assert store.stored_video_attrs("vis-other", [sha(0)]) == [None]  # another extractor's features
+
+
 def test_read_videos_keeps_order_and_duplicates(store: FeatureStore) -> None:
     write_videos(store, range(4))
     order = [3, 0, 3, 1]
@@ -359,6 +369,7 @@ def test_killed_write_is_never_trusted_and_can_be_redone(tmp_path: Path) -> None
 
     assert len(_stage_dirs(root, sha(0))) == 1  # the arrays were fully written...
     assert not store.has_video(sha(0), FP)  # ...but never committed, so nobody trusts them
+    assert store.stored_video_attrs(FP, [sha(0)]) == [None]
     with pytest.raises(MissingFeatureError):
         store.read_video(sha(0), FP)
     assert store.resolve_video_ids(FP, ["vid0"]) == {}

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def _brute(queries: torch.Tensor, vectors: torch.Tensor, alive: torch.Tensor, k:
         pytest.param("fused", torch.float16, marks=compiled),
     ],
 )
-@pytest.mark.parametrize("n_queries", [1, 3, 9])  # 9 > FUSED_MAX_QUERIES: the fused scan hands over to matmul
+# 1: the single-query loop; 3, 9: query tiles, partial and full; 70 > FUSED_QUERY_PASS: in two passes
+@pytest.mark.parametrize("n_queries", [1, 3, 9, 70])
 @pytest.mark.parametrize("d", [24, 384])  # 24 is below one unrolled step; 384 is the paper's width
 def test_kernels_match_brute_force_across_blocks_and_tombstones(kernel, dtype, n_queries, d):
     vectors, alive = _gallery(d=d)
@@ -101,20 +103,22 @@ def test_kernels_match_brute_force_across_blocks_and_tombstones(kernel, dtype, n
 @pytest.mark.parametrize(
     "d", [24, 93, 384]
 )  # below one unrolled step; every leftover loop; the paper's width
-def test_every_fused_path_matches_brute_force_and_matmul(path, d, monkeypatch, fresh_kernel_state):
+@pytest.mark.parametrize("n_queries", [1, 6, 13])  # one query; a full tile of 4 and 2 left; three and 1 left
+def test_every_fused_path_matches_brute_force_and_matmul(path, d, n_queries, monkeypatch, fresh_kernel_state):
     """Each dispatch variant this CPU can run, forced through the environment as a deployment would."""
     monkeypatch.setenv(scan.PATH_ENV, _supported(path))
     assert scan.fused_path() == path and pick_kernel("fused", "float16") == "fused"
-    vectors, alive = _gallery(n=130, rows=9, d=d, seed=d)  # 130 videos: split over threads as well
+    # 130 videos: split over threads as well; 7 rows: two full tiles of 3 rows and 1 left
+    vectors, alive = _gallery(n=130, rows=7, d=d, seed=d)
     stored = vectors.half()
-    queries = normalize(torch.randn(3, d, generator=torch.Generator().manual_seed(2)), dim=-1)
+    queries = normalize(torch.randn(n_queries, d, generator=torch.Generator().manual_seed(2)), dim=-1)
     want_scores, want_rows, want_clips = _brute(queries, stored.float(), alive, 12)
     got = scan_topk(
         queries, [(s, stored[s : s + 70]) for s in range(0, 130, 70)], alive, 12, WEIGHTS, "fused"
     )
     assert torch.equal(got.rows, want_rows) and torch.equal(got.clips, want_clips)
     torch.testing.assert_close(got.scores, want_scores, rtol=1e-6, atol=1e-6)
-    scores, clips = score_fused(queries, stored, WEIGHTS, threads=1)
+    scores, clips = score_fused(queries, stored, WEIGHTS)
     want, want_clips = scan.score_matmul(queries, stored, WEIGHTS)
     torch.testing.assert_close(scores, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(clips, want_clips)
@@ -133,7 +137,7 @@ def test_every_path_widens_every_half_exactly(path):
         lanes = torch.cat([values, values[: (-len(values)) % d]]).view(-1, 1, d)  # padded to whole rows
         rows = torch.cat([lanes, torch.zeros_like(lanes)], dim=1)  # clip = the halves, pooled = 0
         # query j reads lane j: score = 1 * h_j + 0 * (pooled = 0), exact whatever the summation order
-        scores, _ = score_fused(torch.eye(d), rows, (1.0, 0.0), threads=1, path=path)
+        scores, _ = score_fused(torch.eye(d), rows, (1.0, 0.0), path=path)
         assert torch.equal(scores, lanes[:, 0, :].T.float()), (path, d)
 
 
@@ -189,15 +193,33 @@ def test_extension_checks_its_buffers_and_never_runs_a_path_the_cpu_lacks():
 
 @compiled
 @pytest.mark.parametrize("threads", [2, 3, 64])
-def test_fused_kernel_split_over_threads_gives_the_same_bits(threads):
-    vectors, _ = _gallery(n=200, rows=9, d=40, seed=6)
+def test_scan_on_several_threads_gives_the_same_bits_as_one(threads, monkeypatch):
+    """Threads take blocks as they free up, so which thread merged which blocks varies from run to run; the
+    top-k must not, even among exactly tied scores (the same video indexed twice) and tombstones."""
+    vectors, alive = _gallery(n=200, rows=10, d=40, seed=6)
+    vectors[100:150] = vectors[:50]  # 50 exact ties, each pair in a different block
     stored = vectors.half()
-    queries = normalize(torch.randn(2, 40, generator=torch.Generator().manual_seed(7)), dim=-1)
-    for path in scan.fused_paths():
-        one = score_fused(queries, stored, WEIGHTS, threads=1, path=path)
-        split = score_fused(queries, stored, WEIGHTS, threads=threads, path=path)  # at most 4 parts of 50
-        assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
-        assert split[0].shape == (2, 200)
+    blocks = [(s, stored[s : s + 7]) for s in range(0, 200, 7)]
+    seen = []
+    real = scan.score_fused
+    monkeypatch.setattr(
+        scan, "score_fused", lambda *a, **k: seen.append(threading.current_thread().name) or real(*a, **k)
+    )
+    for n_queries in (1, 7):
+        queries = normalize(torch.randn(n_queries, 40, generator=torch.Generator().manual_seed(7)), dim=-1)
+        queries[0] = vectors[10, 0].float()  # its best video (and its twin) tie exactly
+        one = scan_topk(queries, blocks, alive, 20, WEIGHTS, "fused", threads=1)
+        seen.clear()
+        for _ in range(5):
+            split = scan_topk(queries, blocks, alive, 20, WEIGHTS, "fused", threads=threads)
+            assert all(
+                torch.equal(a, b) for a, b in zip(vars(one).values(), vars(split).values(), strict=True)
+            )
+        assert seen and all(name.startswith("mamfusion-scan") for name in seen)  # the pool did the work
+        assert one.rows[0, :2].tolist() == [10, 110]  # the tie, lower row first
+        assert one.scores[0, 0] == one.scores[0, 1]
+    want_scores, _, _ = _brute(queries, stored.float(), alive, 200)
+    torch.testing.assert_close(split.scores, want_scores[:, :20], rtol=1e-6, atol=1e-6)  # the true top 20
 
 
 @compiled
