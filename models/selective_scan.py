@@ -23,8 +23,6 @@ scan before its first use.
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from models.extensions import load_extension
 from storage.errors import MamFusionError
 
 log = logging.getLogger(__name__)
@@ -254,20 +253,8 @@ class CompiledScanUnavailableError(MamFusionError, RuntimeError):
 
 
 def _import_extension() -> ModuleType:
-    """The compiled module, loaded from its file in this package's directory, where the install built it - not
-    through the import system, whose other finders (an editable install's among them) may resolve the name
-    elsewhere, and never from a cache or temp dir."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        file = PACKAGE_DIR / f"{EXTENSION.rpartition('.')[2]}{suffix}"
-        if file.is_file():
-            loader = importlib.machinery.ExtensionFileLoader(EXTENSION, str(file))
-            spec = importlib.util.spec_from_file_location(EXTENSION, file, loader=loader)
-            if spec is None:  # never with an explicit loader; satisfies the type checker
-                raise ImportError(f"cannot load {file}")
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-            return module
-    raise ImportError(f"no {EXTENSION} module file in {PACKAGE_DIR}")
+    """The compiled module, from its file in this package's directory only (`models.extensions`)."""
+    return load_extension(EXTENSION, PACKAGE_DIR)
 
 
 @functools.cache

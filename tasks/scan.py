@@ -21,8 +21,6 @@ Both compute exact fp32 dot products of the stored values, so they rank identica
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import threading
@@ -36,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from models.extensions import load_extension
 from storage.errors import MamFusionError
 
 log = logging.getLogger(__name__)
@@ -84,20 +83,8 @@ def score_matmul(
 
 
 def _import_extension() -> ModuleType:
-    """The compiled kernel module, loaded from its file in this package's directory, where the install built
-    it - not through the import system, whose other finders (an editable install's among them) may resolve the
-    name elsewhere, and never from a cache or temp dir."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        file = PACKAGE_DIR / f"{EXTENSION.rpartition('.')[2]}{suffix}"
-        if file.is_file():
-            loader = importlib.machinery.ExtensionFileLoader(EXTENSION, str(file))
-            spec = importlib.util.spec_from_file_location(EXTENSION, file, loader=loader)
-            if spec is None:  # never with an explicit loader; satisfies the type checker
-                raise ImportError(f"cannot load {file}")
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-            return module
-    raise ImportError(f"no {EXTENSION} module file in {PACKAGE_DIR}")
+    """The compiled module, from its file in this package's directory only (`models.extensions`)."""
+    return load_extension(EXTENSION, PACKAGE_DIR)
 
 
 @functools.cache
