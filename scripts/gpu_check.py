@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, whatever the install
 
 from models.selective_scan import compiled_path, compiled_paths, selective_scan, sequential_selective_scan  # noqa: E402
+from tests.test_mamba import scan_inputs  # noqa: E402  (the tests' Mamba-like inputs, so both check the same)
 
 TVR_TRAIN_VIDEOS = 17435  # TVR's training split (MS-SL), for the projected full epoch
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -62,24 +63,9 @@ def timed(fn: Callable[[], object], repeats: int = 3) -> float:
 # ------------------------------------------------------------------------------------------------ compare
 
 
-def scan_inputs(b: int, d: int, n: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Mamba-like inputs (float64 on CPU): raw delta + bias through softplus, A = -exp(A_log)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    A_log = torch.log(torch.arange(1, n + 1, dtype=torch.float64)).repeat(d, 1) + 0.1 * rnd(d, n)
-    return {
-        "u": rnd(b, d, length),
-        "delta": 0.5 * rnd(b, d, length),
-        "A": -torch.exp(A_log),
-        "B": rnd(b, n, length),
-        "C": rnd(b, n, length),
-        "D": rnd(d),
-        "z": rnd(b, d, length),
-        "delta_bias": -1.0 + 0.3 * rnd(d),
-    }
+def reference_inputs(b: int, d: int, n: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """The tests' Mamba-like scan inputs in float64, as plain tensors (run_scan casts and attaches grads)."""
+    return {k: v.detach() for k, v in scan_inputs(b, d, n, length, torch.float64, seed=seed).items()}
 
 
 def run_scan(
@@ -125,7 +111,7 @@ def compare(args: argparse.Namespace) -> None:
         scans[f"compiled-{compiled_path()}"] = (lambda **kw: selective_scan(**kw, impl="compiled"), "cpu")
     cells, ok = [], True
     for length in lengths:
-        base = scan_inputs(b, d, n, length, seed=length)
+        base = reference_inputs(b, d, n, length, seed=length)
         gy = torch.randn(b, d, length, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         y_ref, g_ref = run_scan(sequential_selective_scan, base, gy, ref_device, torch.float64)
         outs = {name: run_scan(fn, base, gy, dev, torch.float32) for name, (fn, dev) in scans.items()}
@@ -149,7 +135,7 @@ def timings(cuda: bool, fused: Callable[..., torch.Tensor] | None) -> str:
     """fwd+bwd at the benchmark's size (B=16, d_inner 768, d_state 16, L=512): CUDA scans, and the compiled
     scan on 1 thread and on all of them (its thread split's scaling)."""
     b, d, n, length = (16, 768, 16, 512) if cuda else (2, 64, 16, 64)
-    base = scan_inputs(b, d, n, length, seed=0)
+    base = reference_inputs(b, d, n, length, seed=0)
     gy = torch.randn(b, d, length, dtype=torch.float64)
     parts = []
     candidates: list[tuple[str, Callable[..., torch.Tensor], str]] = []

@@ -432,13 +432,20 @@ class FeatureStore:
 
     def stored_video_attrs(self, fingerprint: str, sha256s: Sequence[str]) -> list[dict[str, Any] | None]:
         """Per video, the attrs written with its complete entry (None where it has none), read concurrently:
-        one call tells a flow which of thousands of videos need no extraction, and what was noted on them."""
+        one call tells a flow which of thousands of videos need no extraction, and what was noted on them.
+        A damaged marker is None too, not an error for the whole folder: that video's own extraction meets
+        the damage and reports it, naming the entry, while the others go on."""
         _check_segment(fingerprint, "extractor fingerprint")
         keys = [_check_segment(s, "video sha256") for s in sha256s]
-        markers = self._run(
-            entries.gather_limited(entries.read_marker(self._store, VIDEOS, fingerprint, k) for k in keys)
-        )
-        return [None if m is None else dict(m.get("attrs", {})) for m in markers]
+
+        async def attrs(key: str) -> dict[str, Any] | None:
+            try:
+                marker = await entries.read_marker(self._store, VIDEOS, fingerprint, key)
+            except DamagedStoreError:
+                return None
+            return None if marker is None else dict(marker.get("attrs", {}))
+
+        return self._run(entries.gather_limited(attrs(k) for k in keys))
 
     def write_video(
         self,

@@ -210,6 +210,10 @@ def test_a_garbage_commit_marker_is_damage_not_a_crash(url: str) -> None:
     )
     with pytest.raises(DamagedStoreError, match="n_rows 'three'"):
         FeatureStore(url).has_video(sha(1), FP)
+    # the pipeline's up-front check counts it as not stored (its extraction then reports the damage), and
+    # the intact video as stored
+    found = FeatureStore(url).stored_video_attrs(FP, [sha(0), sha(1)])
+    assert [attrs is not None for attrs in found] == [True, False]
 
 
 def test_odd_but_valid_json_in_a_registration_is_damage(url: str) -> None:
