@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py tasks/_scan_fp16.c models/_selective_scan.c models/_selective_scan_kernel.h
+$(VENV)/.installed: pyproject.toml setup.py tasks/_scan_fp16.c tasks/_scan_fp16_loops.h models/_selective_scan.c models/_selective_scan_kernel.h
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e ".[lite,dask,s3,search,dev]"

@@ -14,6 +14,7 @@ setup(
         Extension(
             "tasks._scan_fp16",
             sources=["tasks/_scan_fp16.c"],
+            depends=["tasks/_scan_fp16_loops.h"],
             extra_compile_args=["-O3"],
             optional=True,
         ),

@@ -6,17 +6,19 @@
  * For each video (n_rows = n_clips + 1 vectors of d halves, clips first, pooled last) and query (d floats):
  *   score = clip_w * max_c cos(clip_c, q) + video_w * cos(pooled, q),   best = argmax_c (first on ties)
  * Halves are widened in registers and accumulated in fp32, so the index is read once at its stored size.
- * One query: independent accumulators keep the FMA chain from limiting a single core below memory speed.
+ * One query: four parts of the block are scored side by side, so the hardware prefetchers keep four streams
+ * in flight and the four sums are independent FMA chains; a single query then reads at memory speed.
  * Several queries: the scan becomes compute-bound, so a video's rows are scored TILE_ROWS at a time against
  * TILE_QUERIES queries per pass with every product accumulated in registers (a small matrix product:
  * TILE_ROWS + TILE_QUERIES loads feed TILE_ROWS * TILE_QUERIES FMAs), and the next video is prefetched while
- * the FMAs run, so the memory reads overlap the arithmetic. (Widening each row once into an fp32 buffer
- * instead measured slower up to 16 queries, the serving batch sizes; BENCHMARKS.md.)
+ * the FMAs run, so the memory reads overlap the arithmetic. Both compute each cosine as the same sum, so a
+ * query's scores do not depend on what it is batched with. The loops are in _scan_fp16_loops.h, included
+ * once per path.
  *
  * The module is built for the baseline of its architecture (no -march=native), so one build serves every CPU
- * of that architecture: each vector path is compiled for its own instruction set with a target attribute and
- * chosen at run time from what the CPU reports - AVX-512F, else AVX2 + F16C + FMA, else portable C (also the
- * only path on ARM and other architectures, which the compiler vectorises for the baseline there).
+ * of that architecture: the vector path is compiled for its instruction set with a target attribute and
+ * chosen at run time from what the CPU reports - AVX2 + F16C + FMA, else portable C (also the only path on
+ * ARM and other architectures, which the compiler vectorises for the baseline there).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,8 +30,6 @@
 #include <immintrin.h>
 #define HAVE_X86_PATHS 1
 #endif
-
-typedef float (*dot_fn)(const uint16_t *row, const float *q, int64_t d);
 
 /* IEEE half -> float. ARM converts in hardware through _Float16; elsewhere by bits, exact for every input. */
 static inline float half_to_float(uint16_t h) {
@@ -53,7 +53,15 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-/* Eight independent sums, which the compiler keeps in vector registers (SSE2, NEON) without -ffast-math. */
+/* ---- the one sum every score is ----
+ * A cosine is the products of a row and a query accumulated eight lanes wide in k order, the eight lanes then
+ * reduced in one fixed order, then the last d % 8 products. Every loop below computes exactly this sum for each
+ * (row, query), whatever it is batched with: so a query gets the same bits alone, in a batch of 64 or in any
+ * tile position, and a search result does not depend on what else the server was asked at the same time.
+ * (The two paths round differently from each other: the portable one multiplies and adds, AVX2 fuses.) */
+
+/* The portable path: eight independent sums, which the compiler keeps in vector registers (SSE2, NEON)
+ * without -ffast-math. */
 static inline float dot_portable(const uint16_t *row, const float *q, int64_t d) {
     float acc[8] = {0};
     int64_t k = 0;
@@ -64,45 +72,59 @@ static inline float dot_portable(const uint16_t *row, const float *q, int64_t d)
     return s;
 }
 
+#define MAX_TILE_ROWS 4 /* STREAMS rows of one query; several queries: TILE_ROWS */
+#define TILE_ROWS 3
+#define TILE_QUERIES 4
+#define STREAMS 4
+
+/* out[r * stride + b] = rows[r] . q[b] for r < nr, b < nt (nr <= MAX_TILE_ROWS, nt <= TILE_QUERIES), with
+ * always constant nr and nt at the call sites below, so the loops unroll completely and the accumulators stay
+ * in registers. */
+static inline __attribute__((always_inline)) void tile_portable(const uint16_t *const *rows, const float *q,
+                                                                int64_t d, float *out, int64_t stride,
+                                                                const int nr, const int nt) {
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < nt; b++) out[r * stride + b] = dot_portable(rows[r], q + b * d, d);
+}
+
 #ifdef HAVE_X86_PATHS
-#define AVX512 __attribute__((target("avx512f,avx2,f16c,fma")))
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
 
-AVX512 static inline float dot_avx512(const uint16_t *row, const float *q, int64_t d) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define H16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-    int64_t k = 0;
-    for (; k + 64 <= d; k += 64) {
-        a0 = _mm512_fmadd_ps(H16(row + k), _mm512_loadu_ps(q + k), a0);
-        a1 = _mm512_fmadd_ps(H16(row + k + 16), _mm512_loadu_ps(q + k + 16), a1);
-        a2 = _mm512_fmadd_ps(H16(row + k + 32), _mm512_loadu_ps(q + k + 32), a2);
-        a3 = _mm512_fmadd_ps(H16(row + k + 48), _mm512_loadu_ps(q + k + 48), a3);
-    }
-    for (; k + 16 <= d; k += 16) a0 = _mm512_fmadd_ps(H16(row + k), _mm512_loadu_ps(q + k), a0);
-#undef H16
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; k < d; k++) s += half_to_float(row[k]) * q[k];
+AVX2 static inline float hsum_avx2(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* The last d % 8 products of a row, out of line: inlined, its constants would be hoisted into vector
+ * registers that the tile below needs for its accumulators (and the tile would spill them). */
+__attribute__((noinline)) static float dot_tail(const uint16_t *row, const float *q, int64_t n) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < n; j++) s += half_to_float(row[j]) * q[j];
     return s;
 }
 
-AVX2 static inline float dot_avx2(const uint16_t *row, const float *q, int64_t d) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define H8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+/* NR x NT accumulators in registers (3 x 4: 7 loads feed 12 FMAs), halves widened as they are loaded. */
+AVX2 static inline __attribute__((always_inline)) void tile_avx2(const uint16_t *const *rows, const float *q,
+                                                                 int64_t d, float *out, int64_t stride,
+                                                                 const int NR, const int NT) {
+    __m256 acc[MAX_TILE_ROWS][TILE_QUERIES];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NT; b++) acc[r][b] = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= d; k += 32) {
-        a0 = _mm256_fmadd_ps(H8(row + k), _mm256_loadu_ps(q + k), a0);
-        a1 = _mm256_fmadd_ps(H8(row + k + 8), _mm256_loadu_ps(q + k + 8), a1);
-        a2 = _mm256_fmadd_ps(H8(row + k + 16), _mm256_loadu_ps(q + k + 16), a2);
-        a3 = _mm256_fmadd_ps(H8(row + k + 24), _mm256_loadu_ps(q + k + 24), a3);
+    for (; k + 8 <= d; k += 8) {
+        __m256 x[MAX_TILE_ROWS];
+        for (int r = 0; r < NR; r++) x[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[r] + k)));
+        for (int b = 0; b < NT; b++) {
+            __m256 y = _mm256_loadu_ps(q + b * d + k);
+            for (int r = 0; r < NR; r++) acc[r][b] = _mm256_fmadd_ps(x[r], y, acc[r][b]);
+        }
     }
-    for (; k + 8 <= d; k += 8) a0 = _mm256_fmadd_ps(H8(row + k), _mm256_loadu_ps(q + k), a0);
-#undef H8
-    __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    float s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    for (; k < d; k++) s += half_to_float(row[k]) * q[k];
-    return s;
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NT; b++) {
+            float sum = hsum_avx2(acc[r][b]);
+            out[r * stride + b] = k < d ? sum + dot_tail(rows[r] + k, q + b * d + k, d - k) : sum;
+        }
 }
 #endif
 
@@ -113,163 +135,27 @@ struct scan_args {
     int64_t *best;        /* (nq, m) */
     int64_t m, n_rows, d, nq;
     float clip_w, video_w;
-    float *scratch; /* TILE_ROWS * d floats (several queries, portable path) */
-    float *sims;    /* scratch, n_rows * nq floats: one video's cosines, row-major (several queries only) */
+    float *sims; /* scratch, n_rows * nq floats: one video's cosines, row-major (several queries only) */
 };
 
-/* The loop shared by all paths. Always inlined into each path's entry point with a constant `dot`, which the
- * compiler then inlines too, so every path is one function compiled for its own instruction set. */
-static inline __attribute__((always_inline)) void scan_videos(dot_fn dot, const struct scan_args *a) {
-    const int64_t m = a->m, n_rows = a->n_rows, d = a->d;
-    for (int64_t v = 0; v < m; v++) {
-        const uint16_t *video = a->rows + v * n_rows * d;
-        for (int64_t b = 0; b < a->nq; b++) {
-            const float *q = a->queries + b * d;
-            float top = -INFINITY;
-            int64_t arg = 0;
-            for (int64_t c = 0; c + 1 < n_rows; c++) {
-                float s = dot(video + c * d, q, d);
-                if (s > top) {
-                    top = s;
-                    arg = c;
-                }
-            }
-            a->scores[b * m + v] = a->clip_w * top + a->video_w * dot(video + (n_rows - 1) * d, q, d);
-            a->best[b * m + v] = arg;
-        }
-    }
-}
-
-
-/* ---- several queries ---- */
-#define TILE_ROWS 3
-#define TILE_QUERIES 4
-
-/* out[r * nq + b] = rows[r] . q[b] for r < nr, b < nt (nr <= TILE_ROWS, nt <= TILE_QUERIES); `scratch` holds
- * TILE_ROWS * d floats */
-typedef void (*tile_fn)(const uint16_t *rows, int nr, const float *q, int nt, int64_t d, float *out, int64_t nq,
-                        float *scratch);
-
-static inline float dot_f32_portable(const float *x, const float *q, int64_t d) {
-    float acc[8] = {0};
-    int64_t k = 0;
-    for (; k + 8 <= d; k += 8)
-        for (int j = 0; j < 8; j++) acc[j] += x[k + j] * q[k + j];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; k < d; k++) s += x[k] * q[k];
-    return s;
-}
-
-/* widens the rows into scratch, then one fp32 dot per row and query */
-static inline void tile_portable(const uint16_t *rows, int nr, const float *q, int nt, int64_t d, float *out,
-                                 int64_t nq, float *scratch) {
-    for (int64_t k = 0; k < nr * d; k++) scratch[k] = half_to_float(rows[k]);
-    for (int r = 0; r < nr; r++)
-        for (int b = 0; b < nt; b++) out[r * nq + b] = dot_f32_portable(scratch + r * d, q + b * d, d);
-}
-
+/* The loops, once per path (tasks/_scan_fp16_loops.h). AVX-512 CPUs take the AVX2 path: a 512-bit path would
+ * have to give the same bits as this one for the batch invariance above, and the one query it sped up is
+ * memory-bound anyway. */
+#define SUFFIX portable
+#define TARGET
+#define TILE tile_portable
+#include "_scan_fp16_loops.h"
+#undef SUFFIX
+#undef TARGET
+#undef TILE
 #ifdef HAVE_X86_PATHS
-AVX2 static inline float hsum_avx2(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-/* NR x NT accumulators in registers, halves widened as they are loaded; constant NR, NT at every call site, so
- * the loops unroll completely. Four queries' sums leave in one vector (horizontal adds across accumulators). */
-AVX2 static inline __attribute__((always_inline)) void tile_avx2_fixed(const uint16_t *rows, const float *q,
-                                                                       int64_t d, float *out, int64_t nq,
-                                                                       const int NR, const int NT) {
-    __m256 acc[TILE_ROWS][TILE_QUERIES];
-    for (int r = 0; r < NR; r++)
-        for (int b = 0; b < NT; b++) acc[r][b] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= d; k += 8) {
-        __m256 x[TILE_ROWS];
-        for (int r = 0; r < NR; r++) x[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows + r * d + k)));
-        for (int b = 0; b < NT; b++) {
-            __m256 y = _mm256_loadu_ps(q + b * d + k);
-            for (int r = 0; r < NR; r++) acc[r][b] = _mm256_fmadd_ps(x[r], y, acc[r][b]);
-        }
-    }
-    for (int r = 0; r < NR; r++) {
-        float sums[TILE_QUERIES];
-        if (NT == TILE_QUERIES) {
-            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
-            _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-        } else
-            for (int b = 0; b < NT; b++) sums[b] = hsum_avx2(acc[r][b]);
-        for (int b = 0; b < NT; b++) {
-            float s = sums[b];
-            for (int64_t j = k; j < d; j++) s += half_to_float(rows[r * d + j]) * q[b * d + j];
-            out[r * nq + b] = s;
-        }
-    }
-}
-
-#define TILE_CASE(R, T)                                                                                    \
-    case (R) * 8 + (T): tile_avx2_fixed(rows, q, d, out, nq, R, T); break;
-
-AVX2 static inline void tile_avx2(const uint16_t *rows, int nr, const float *q, int nt, int64_t d, float *out,
-                                  int64_t nq, float *scratch) {
-    (void)scratch;
-    switch (nr * 8 + nt) {
-        TILE_CASE(3, 4) TILE_CASE(3, 3) TILE_CASE(3, 2) TILE_CASE(3, 1)
-        TILE_CASE(2, 4) TILE_CASE(2, 3) TILE_CASE(2, 2) TILE_CASE(2, 1)
-        TILE_CASE(1, 4) TILE_CASE(1, 3) TILE_CASE(1, 2) TILE_CASE(1, 1)
-    }
-}
-#undef TILE_CASE
-#endif
-
-/* Several queries, one video at a time: every cosine into `sims`, then each query's max over clips. */
-static inline __attribute__((always_inline)) void scan_videos_multi(tile_fn tile, const struct scan_args *a) {
-    const int64_t m = a->m, n_rows = a->n_rows, d = a->d, nq = a->nq;
-    for (int64_t v = 0; v < m; v++) {
-        const uint16_t *video = a->rows + v * n_rows * d;
-        const char *next = (const char *)(video + n_rows * d), *end = (const char *)(a->rows + m * n_rows * d);
-        const int64_t lines = (n_rows * d * 2 + 63) / 64, groups = (n_rows + TILE_ROWS - 1) / TILE_ROWS;
-        for (int64_t r = 0, line = 0; r < n_rows; r += TILE_ROWS) {
-            const int nr = (int)(n_rows - r < TILE_ROWS ? n_rows - r : TILE_ROWS);
-            /* the next video's lines, spread over this one's row groups: memory reads overlap the FMAs */
-            for (int64_t stop = (r / TILE_ROWS + 1) * lines / groups; line < stop; line++)
-                if (next + line * 64 < end) __builtin_prefetch(next + line * 64);
-            for (int64_t b = 0; b < nq; b += TILE_QUERIES) {
-                const int nt = (int)(nq - b < TILE_QUERIES ? nq - b : TILE_QUERIES);
-                tile(video + r * d, nr, a->queries + b * d, nt, d, a->sims + r * nq + b, nq, a->scratch);
-            }
-        }
-        for (int64_t b = 0; b < nq; b++) {
-            float top = -INFINITY;
-            int64_t arg = 0;
-            for (int64_t c = 0; c + 1 < n_rows; c++) {
-                float s = a->sims[c * nq + b];
-                if (s > top) {
-                    top = s;
-                    arg = c;
-                }
-            }
-            a->scores[b * m + v] = a->clip_w * top + a->video_w * a->sims[(n_rows - 1) * nq + b];
-            a->best[b * m + v] = arg;
-        }
-    }
-}
-
-/* One entry point per path. AVX-512 CPUs run the several-query tile at 256 bits: the AVX2 code, which is what
- * the CPUs this is tested on can check. */
-static void scan_portable(const struct scan_args *a) {
-    if (a->nq > 1) scan_videos_multi(tile_portable, a);
-    else scan_videos(dot_portable, a);
-}
-#ifdef HAVE_X86_PATHS
-AVX512 static void scan_avx512(const struct scan_args *a) {
-    if (a->nq > 1) scan_videos_multi(tile_avx2, a);
-    else scan_videos(dot_avx512, a);
-}
-AVX2 static void scan_avx2(const struct scan_args *a) {
-    if (a->nq > 1) scan_videos_multi(tile_avx2, a);
-    else scan_videos(dot_avx2, a);
-}
+#define SUFFIX avx2
+#define TARGET AVX2
+#define TILE tile_avx2
+#include "_scan_fp16_loops.h"
+#undef SUFFIX
+#undef TARGET
+#undef TILE
 #endif
 
 struct path {
@@ -280,7 +166,6 @@ struct path {
 
 static struct path paths[] = { /* best first */
 #ifdef HAVE_X86_PATHS
-    {"avx512", scan_avx512, 0},
     {"avx2", scan_avx2, 0},
 #endif
     {"portable", scan_portable, 1},
@@ -290,10 +175,8 @@ static struct path paths[] = { /* best first */
 static void detect_cpu(void) {
 #ifdef HAVE_X86_PATHS
     __builtin_cpu_init(); /* also checks that the OS saves the wide registers (XCR0) */
-    const int avx2 =
+    paths[0].supported =
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
-    paths[0].supported = __builtin_cpu_supports("avx512f") && avx2;
-    paths[1].supported = avx2;
 #endif
 }
 
@@ -379,9 +262,8 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     a.rows = bufs[0].buf, a.queries = bufs[1].buf, a.scores = bufs[2].buf, a.best = bufs[3].buf;
     a.m = m, a.nq = nq;
     if (nq > 1) {
-        a.scratch = PyMem_RawMalloc((size_t)(TILE_ROWS * d) * sizeof(float));
         a.sims = PyMem_RawMalloc((size_t)(n_rows * nq) * sizeof(float));
-        if (!a.scratch || !a.sims) {
+        if (!a.sims) {
             PyErr_NoMemory();
             goto done;
         }
@@ -391,7 +273,6 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    PyMem_RawFree(a.scratch);
     PyMem_RawFree(a.sims);
     while (held-- > 0) PyBuffer_Release(&bufs[held]);
     return result;

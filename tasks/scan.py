@@ -12,8 +12,10 @@ A row is one video: its `n_clips` clip vectors then its pooled vector, all L2-no
   memory, bounds it; larger batches run in passes of FUSED_QUERY_PASS queries. It is the
   extension module `tasks._scan_fp16` (`_scan_fp16.c`), built when the package is installed and imported
   from the package's own directory only; nothing is compiled at run time. Built for the architecture's
-  baseline, it picks its vector path (AVX-512, AVX2 + F16C + FMA, portable C) from the CPU at run time.
-  Where the install had no C compiler it is absent, and `auto` searches with `matmul`.
+  baseline, it picks its vector path (AVX2 + F16C + FMA, else portable C) from the CPU at run time.
+  Where the install had no C compiler it is absent, and `auto` searches with `matmul`. A query's scores do
+  not depend on what it is batched with: each (row, query) cosine is the same fixed sum in every loop, so
+  the server's micro-batches answer exactly what a lone search would.
 
 Both compute exact fp32 dot products of the stored values, so they rank identically up to summation order.
 """
@@ -44,7 +46,7 @@ SUB_BLOCK_VIDEOS = 64  # 64 x 33 x 384 fp32 = 3.2 MB: the converted block stays 
 FUSED_QUERY_PASS = 64  # queries per fused pass: tiles gain nothing beyond, and the queries stay in L2
 EXTENSION = "tasks._scan_fp16"
 PACKAGE_DIR = Path(__file__).resolve().parent
-PATHS = ("avx512", "avx2", "portable")  # every path the extension has, best first (x86 has all three)
+PATHS = ("avx2", "portable")  # every path the extension has, best first (x86 has both)
 PATH_ENV = "MAMFUSION_FUSED_PATH"  # forces one of PATHS
 INSTALL_HINT = (
     "reinstall mamfusion where a C compiler works (`pip install -e .` or `make env`) to build it, "

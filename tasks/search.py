@@ -143,28 +143,29 @@ class IndexScanner:
                 np.searchsorted(rows, top.rows.clamp(min=0).numpy()).clip(0, len(rows) - 1)
             )
             profiles = torch.einsum("qd,qknd->qkn", queries.float(), clips[where])
+        # numpy views and whole-array rounding: per-element tensor indexing cost ~0.3 ms a hit under load
+        scores, hit_rows, hit_clips = top.scores.numpy(), top.rows.numpy(), top.clips.numpy()
+        profiles_np = profiles.numpy()
+        rounded = np.round(profiles_np.astype(np.float64), 5)
         out = []
-        for q in range(top.scores.shape[0]):
+        for q in range(scores.shape[0]):
             ranked = []
-            for r in range(top.scores.shape[1]):
-                if not bool(found[q, r]):
-                    continue
-                row, clip = int(top.rows[q, r]), int(top.clips[q, r])
-                profile = profiles[q, r].numpy()
+            for r in np.flatnonzero(found[q].numpy()):
+                row, clip = int(hit_rows[q, r]), int(hit_clips[q, r])
                 spans = self.spans[row]
-                start, end = localize(profile, spans, rule)
+                start, end = localize(profiles_np[q, r], spans, rule)
                 ranked.append(
                     Hit(
                         len(ranked) + 1,
                         str(self.video_ids[row]),
                         str(self.paths[row]),
-                        float(top.scores[q, r]),
+                        float(scores[q, r]),
                         start,
                         end,
                         float(spans[clip, 0]),
                         float(spans[clip, 1]),
-                        tuple(round(float(x), 5) for x in profile),
-                        tuple((float(a), float(b)) for a, b in spans),
+                        tuple(rounded[q, r].tolist()),
+                        tuple(map(tuple, spans.tolist())),
                     )
                 )
             out.append(ranked)

@@ -124,6 +124,38 @@ def test_every_fused_path_matches_brute_force_and_matmul(path, d, n_queries, mon
     assert torch.equal(clips, want_clips)
 
 
+@pytest.mark.parametrize("path", scan.PATHS)
+def test_single_query_streams_cover_every_video_of_any_block_size(path, monkeypatch, fresh_kernel_state):
+    """One query scores a block as several interleaved parts plus a remainder: each size from below one part
+    per stream to several parts and a remainder must give every video its own score and best clip."""
+    monkeypatch.setenv(scan.PATH_ENV, _supported(path))
+    vectors, _ = _gallery(n=23, rows=4, d=40, seed=5)
+    stored = vectors.half()
+    query = normalize(torch.randn(1, 40, generator=torch.Generator().manual_seed(3)), dim=-1)
+    for m in range(1, 24):
+        scores, clips = score_fused(query, stored[:m], WEIGHTS)
+        want, want_clips = scan.score_matmul(query, stored[:m], WEIGHTS)
+        torch.testing.assert_close(scores, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(clips, want_clips), m
+
+
+@pytest.mark.parametrize("path", scan.PATHS)
+@pytest.mark.parametrize("d", [40, 93, 384])  # whole 8-lane steps; a tail of 5; the paper's width
+def test_a_query_gets_the_same_bits_alone_and_in_any_batch(path, d, monkeypatch, fresh_kernel_state):
+    """The server batches whatever queries arrive together: a query's scores must not depend on its
+    company, i.e. on the tile shape (1-4 queries, 1-3 rows) or the single-query loop that scored it."""
+    monkeypatch.setenv(scan.PATH_ENV, _supported(path))
+    vectors, _ = _gallery(n=29, rows=8, d=d, seed=d + 1)
+    stored = vectors.half()
+    queries = normalize(torch.randn(13, d, generator=torch.Generator().manual_seed(4)), dim=-1)
+    alone = [score_fused(queries[i : i + 1], stored, WEIGHTS) for i in range(13)]
+    for batch in (queries, queries[2:4], queries[5:12], queries.flip(0)):
+        scores, clips = score_fused(batch, stored, WEIGHTS)
+        for j, q in enumerate(batch):
+            i = int(torch.nonzero((queries == q).all(dim=1))[0])
+            assert torch.equal(scores[j], alone[i][0][0]) and torch.equal(clips[j], alone[i][1][0]), (i, j)
+
+
 @compiled
 @pytest.mark.parametrize("path", scan.PATHS)
 def test_every_path_widens_every_half_exactly(path):
