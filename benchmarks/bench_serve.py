@@ -259,8 +259,10 @@ def bench_size(
         f"{n_videos:,} videos, compute bound: a batch of {top.clients} is "
         f"{top.clients * n_videos * (CLIPS + 1) * DIM / 1e9:.1f} G multiply-adds; at this machine's fp32 "
         f"matrix-product peak ({peak:.1f} GMAC/s, same run) it takes at least {floor_s * 1e3:.0f} ms = "
-        f"{floor_s / single_s:.2f}x the single-query time, the lowest p50 any exact scan allows here; the "
-        f"in-process batch of {top.clients} ran at "
+        f"{floor_s / single_s:.2f}x the single-query time, the lowest p50 any exact scan allows here, and "
+        f"{top.clients} clients get at most {top.clients / floor_s:.1f} q/s = "
+        f"{top.clients * single_s / floor_s:.1f}x the single-query rate; the in-process batch of "
+        f"{top.clients} ran at "
         f"{top.clients * n_videos * (CLIPS + 1) * DIM / batch_s.get(top.clients, float('nan')) / 1e9:.1f} "
         f"GMAC/s"
     )
