@@ -13,9 +13,10 @@ A row is one video: its `n_clips` clip vectors then its pooled vector, all L2-no
   extension module `tasks._scan_fp16` (`_scan_fp16.c`), built when the package is installed and imported
   from the package's own directory only; nothing is compiled at run time. Built for the architecture's
   baseline, it picks its vector path (AVX2 + F16C + FMA, else portable C) from the CPU at run time.
-  Where the install had no C compiler it is absent, and `auto` searches with `matmul`. A query's scores do
-  not depend on what it is batched with: each (row, query) cosine is the same fixed sum in every loop, so
-  the server's micro-batches answer exactly what a lone search would.
+  Where the install had no C compiler it is absent, and `auto` searches with `matmul`. A query vector's
+  scores do not depend on what it is batched with: each (row, query) cosine is the same fixed sum in every
+  loop, so a server batch scores a query as a lone search does (the text encoder's padded batches may still
+  move the vector itself by an ulp or so).
 
 Both compute exact fp32 dot products of the stored values, so they rank identically up to summation order.
 """
