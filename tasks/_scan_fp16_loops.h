@@ -72,7 +72,8 @@ LOOP void NAME(scan_queries)(const struct scan_args *a) {
         const int64_t lines = (n_rows * d * 2 + 63) / 64, groups = (n_rows + TILE_ROWS - 1) / TILE_ROWS;
         for (int64_t r = 0, line = 0; r < n_rows; r += TILE_ROWS) {
             const int nr = (int)(n_rows - r < TILE_ROWS ? n_rows - r : TILE_ROWS);
-            const uint16_t *rows[TILE_ROWS] = {video + r * d, video + (r + 1) * d, video + (r + 2) * d};
+            const uint16_t *rows[TILE_ROWS];
+            for (int i = 0; i < nr; i++) rows[i] = video + (r + i) * d;
             /* the next video's lines, spread over this one's row groups: memory reads overlap the FMAs */
             for (int64_t stop = (r / TILE_ROWS + 1) * lines / groups; line < stop; line++)
                 if (next + line * 64 < end) __builtin_prefetch(next + line * 64);
