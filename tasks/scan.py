@@ -132,9 +132,10 @@ def _self_check(ext: ModuleType, path: str) -> KernelUnavailableError | None:
     """Run `path` once on a probe block against `score_matmul`: a miscompiled or mis-dispatched kernel must
     never rank a real search."""
     # d = 93 is odd and no multiple of any path's vector widths, so every leftover loop runs as well; one
-    # query takes the single-query loop, six the tiled one with a full and a partial tile of rows and queries
+    # query takes the single-query loop (9 videos: two per stream and one left over), six the tiled one
+    # with a full and a partial tile of rows and queries
     gen = torch.Generator().manual_seed(0)
-    probe = torch.nn.functional.normalize(torch.randn(3, 5, 93, generator=gen), dim=-1).half()
+    probe = torch.nn.functional.normalize(torch.randn(9, 5, 93, generator=gen), dim=-1).half()
     queries = torch.nn.functional.normalize(torch.randn(6, 93, generator=gen), dim=-1)
     for batch in (queries[:1], queries):
         got, want = _run(ext, path, batch, probe, (0.7, 0.3)), score_matmul(batch, probe, (0.7, 0.3))
